@@ -1,0 +1,278 @@
+r"""The MAML meta-gradient, three exact ways, and its first-order approximation.
+
+Notation (as in the notebooks): θ = θ_0 the meta-parameters, α = ``lr`` the inner step size,
+θ_{j+1} = θ_j − α∇L_s(θ_j) for j = 0 … k−1 on the *support* batch, θ′ = θ_k, and the
+meta-objective L_q(θ_k) on the *query* batch. By the chain rule,
+
+.. math::
+
+    \frac{dL_q(θ_k)}{dθ} = J_0ᵀ J_1ᵀ ⋯ J_{k−1}ᵀ ∇L_q(θ_k),
+    \qquad J_j = \frac{∂θ_{j+1}}{∂θ_j} = I − α H_s(θ_j),
+
+where H_s is the support-loss Hessian. ``maml_grad`` differentiates through the unrolled loop,
+``maml_grad_hvp`` runs this product right to left with one Hessian-vector product per step,
+``maml_grad_jacobian`` forms every J_j. ``fomaml_grad`` replaces every J_j by I.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+from torch.func import grad
+
+from ._checks import check_batch, check_lr, check_params, check_steps, checked_loss
+from ._curvature import _hessian, _hvp
+from ._params import Batch, LossFn, Params, flatten_params, tree_detach, unflatten_params
+
+
+def _sgd_step(loss: LossFn, params: Params, batch: Batch, lr: float, first_order: bool) -> Params:
+    g = grad(loss)(params, batch)
+    if first_order:
+        g = tree_detach(g)
+    return {k: params[k] - lr * g[k] for k in params}
+
+
+def _adapt(
+    loss: LossFn, params: Params, batch: Batch, lr: float, steps: int, first_order: bool
+) -> Params:
+    for _ in range(steps):
+        params = _sgd_step(loss, params, batch, lr, first_order)
+    return params
+
+
+def _trajectory(loss: LossFn, params: Params, batch: Batch, lr: float, steps: int) -> list[Params]:
+    """θ_0, θ_1, …, θ_k with no autograd history: what the reverse pass must store."""
+    path = [params]
+    for _ in range(steps):
+        path.append(tree_detach(_sgd_step(loss, path[-1], batch, lr, first_order=True)))
+    return path
+
+
+def _checked(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    support: Batch,
+    query: Batch | None,
+    lr: float,
+    steps: int,
+) -> tuple[LossFn, Params, Batch, Batch | None, float, int]:
+    loss = checked_loss(loss_fn)
+    params = check_params(params)
+    support = check_batch(support, "support")
+    query = check_batch(query, "query") if query is not None else None
+    return loss, params, support, query, check_lr(lr), check_steps(steps)
+
+
+def adapt(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    batch: Batch,
+    *,
+    lr: float,
+    steps: int = 1,
+    first_order: bool = False,
+) -> Params:
+    r"""The inner loop: ``steps`` plain gradient steps ``θ_{j+1} = θ_j − lr·∇L(θ_j)``.
+
+    The result is differentiable with respect to ``params`` (through the gradients themselves:
+    ``∂θ_k/∂θ = (I − αH(θ_{k−1}))⋯(I − αH(θ_0))``). With ``first_order=True`` each inner
+    gradient is treated as a constant (detached), so θ_k depends on θ only through the identity
+    path and ``∂θ_k/∂θ = I``: differentiating a loss at θ_k then gives the first-order (FOMAML)
+    gradient.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch)`` returning a scalar tensor.
+        params: θ_0, a ``dict[str, Tensor]``; never modified.
+        batch: the support data ``(x, y)``.
+        lr: the inner step size α (a finite real number).
+        steps: k ≥ 0; ``steps=0`` returns a copy of ``params``.
+        first_order: detach the inner gradients.
+
+    Returns:
+        θ_k, a new dict with the keys, shapes and dtypes of ``params``.
+
+    Example:
+        >>> L = lambda p, b: 0.5 * (p["w"] ** 2).sum()            # ∇L = w
+        >>> adapt(L, {"w": torch.tensor([1.0])}, (torch.zeros(1), torch.zeros(1)), lr=0.5, steps=2)
+        {'w': tensor([0.2500])}
+    """
+    loss, params, batch, _, lr, steps = _checked(loss_fn, params, batch, None, lr, steps)
+    if not isinstance(first_order, bool):
+        raise TypeError(f"first_order must be a bool, got {type(first_order).__name__}")
+    return _adapt(loss, params, batch, lr, steps, first_order)
+
+
+def maml_grad(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    support: Batch,
+    query: Batch,
+    *,
+    lr: float,
+    steps: int = 1,
+) -> Params:
+    r"""The exact MAML meta-gradient ``dL_q(θ_k)/dθ``, by autodiff through the unrolled loop.
+
+    .. math:: \frac{dL_q(θ_k)}{dθ} = (I − αH_s(θ_0))ᵀ ⋯ (I − αH_s(θ_{k−1}))ᵀ ∇L_q(θ_k)
+
+    Reverse mode over the k inner steps keeps every step's graph alive: memory grows with k
+    like k forward-and-backward passes. ``steps=0`` gives the plain query gradient ∇L_q(θ).
+
+    Args:
+        loss_fn: ``loss_fn(params, batch)`` returning a scalar tensor.
+        params: θ, a ``dict[str, Tensor]``; treated as values (no autograd history is kept
+            in the result), never modified.
+        support: ``(x, y)`` for the inner steps.
+        query: ``(x, y)`` for the meta-objective.
+        lr: the inner step size α.
+        steps: the number of inner steps k ≥ 0.
+
+    Returns:
+        The meta-gradient as a dict with the keys, shapes and dtypes of ``params``.
+
+    Example:
+        >>> L = lambda p, b: 0.5 * ((b[0] * p["w"] - b[1]) ** 2).sum()   # H = Σx² = 2
+        >>> s = q = (torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]))
+        >>> maml_grad(L, {"w": torch.tensor(1.0)}, s, q, lr=0.1)["w"]      # (1 − 0.2)·2·0.8
+        tensor(1.2800)
+    """
+    loss, params, support, query, lr, steps = _checked(loss_fn, params, support, query, lr, steps)
+
+    def meta_objective(theta: Params) -> Tensor:
+        return loss(_adapt(loss, theta, support, lr, steps, first_order=False), query)
+
+    return grad(meta_objective)(tree_detach(params))
+
+
+def maml_grad_hvp(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    support: Batch,
+    query: Batch,
+    *,
+    lr: float,
+    steps: int = 1,
+) -> Params:
+    r"""The exact MAML meta-gradient by a hand-written reverse pass of Hessian-vector products.
+
+    .. math::
+
+        g ← ∇L_q(θ_k); \quad \text{for } j = k−1, …, 0: \; g ← g − α H_s(θ_j) g
+
+    which is ``J_0ᵀ ⋯ J_{k−1}ᵀ ∇L_q(θ_k)`` evaluated right to left (each J_j is symmetric).
+    No Hessian is formed and no graph is kept between steps: only the k+1 iterates θ_j are
+    stored, so memory grows like k·P rather than k full computation graphs.
+
+    Args and Returns: as :func:`maml_grad`.
+
+    Example:
+        >>> L = lambda p, b: 0.5 * ((b[0] * p["w"] - b[1]) ** 2).sum()
+        >>> s = q = (torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]))
+        >>> maml_grad_hvp(L, {"w": torch.tensor(1.0)}, s, q, lr=0.1)["w"]
+        tensor(1.2800)
+    """
+    loss, params, support, query, lr, steps = _checked(loss_fn, params, support, query, lr, steps)
+    path = _trajectory(loss, tree_detach(params), support, lr, steps)
+    g = grad(loss)(path[-1], query)
+    for theta_j in reversed(path[:-1]):
+        hg = _hvp(loss, theta_j, support, g)
+        g = {k: g[k] - lr * hg[k] for k in g}
+    return g
+
+
+def inner_jacobian(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    batch: Batch,
+    *,
+    lr: float,
+    steps: int = 1,
+) -> Tensor:
+    r"""The (P, P) Jacobian of the whole inner loop, ``∂θ_k/∂θ_0 = J_{k−1} ⋯ J_1 J_0``.
+
+    Each factor ``J_j = I − α H(θ_j)`` is the Jacobian of one step at the point that step starts
+    from; later steps multiply on the *left* (numerator layout: row p, column q is ∂θ_{k,p}/∂θ_q).
+    ``steps=0`` gives the identity. Forms Hessians: for teaching and small models.
+
+    Example:
+        >>> L = lambda p, b: 0.5 * (p["w"] ** 2).sum()             # H = I
+        >>> inner_jacobian(L, {"w": torch.zeros(2)}, (torch.zeros(1), torch.zeros(1)), lr=0.5, steps=2)
+        tensor([[0.2500, 0.0000],
+                [0.0000, 0.2500]])
+    """
+    loss, params, batch, _, lr, steps = _checked(loss_fn, params, batch, None, lr, steps)
+    path = _trajectory(loss, tree_detach(params), batch, lr, steps)
+    return _jacobian_product(loss, path, batch, lr)
+
+
+def _jacobian_product(loss: LossFn, path: list[Params], batch: Batch, lr: float) -> Tensor:
+    vector = flatten_params(path[0])
+    eye = torch.eye(vector.numel(), dtype=vector.dtype, device=vector.device)
+    product = eye
+    for theta_j in path[:-1]:
+        product = (eye - lr * _hessian(loss, theta_j, batch)) @ product
+    return product
+
+
+def maml_grad_jacobian(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    support: Batch,
+    query: Batch,
+    *,
+    lr: float,
+    steps: int = 1,
+) -> Params:
+    r"""The exact MAML meta-gradient by forming every ``J_j = I − αH_s(θ_j)`` and multiplying.
+
+    .. math:: \frac{dL_q(θ_k)}{dθ} = (J_{k−1} ⋯ J_0)ᵀ ∇L_q(θ_k)
+
+    O(P²) memory and O(k·P³) time: for teaching and for checking the other engines.
+
+    Args and Returns: as :func:`maml_grad`.
+
+    Example:
+        >>> L = lambda p, b: 0.5 * ((b[0] * p["w"] - b[1]) ** 2).sum()
+        >>> s = q = (torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]))
+        >>> maml_grad_jacobian(L, {"w": torch.tensor(1.0)}, s, q, lr=0.1)["w"]
+        tensor(1.2800)
+    """
+    loss, params, support, query, lr, steps = _checked(loss_fn, params, support, query, lr, steps)
+    path = _trajectory(loss, tree_detach(params), support, lr, steps)
+    query_grad = flatten_params(grad(loss)(path[-1], query))
+    jacobian = _jacobian_product(loss, path, support, lr)
+    return unflatten_params(jacobian.T @ query_grad, params)
+
+
+def fomaml_grad(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    support: Batch,
+    query: Batch,
+    *,
+    lr: float,
+    steps: int = 1,
+) -> Params:
+    r"""The first-order MAML (FOMAML) gradient: ``∇L_q(θ_k)``, every ``J_j`` replaced by ``I``.
+
+    .. math::
+
+        g_{FO} = ∇L_q(θ_k) = \frac{dL_q(θ_k)}{dθ} + O(α)
+
+    It keeps the post-update evaluation point θ_k (where most of MAML's benefit comes from) and
+    drops every term containing the support Hessian; the difference to :func:`maml_grad` for
+    one step is exactly ``α H_s(θ) ∇L_q(θ′)``. The result has no autograd history.
+
+    Args and Returns: as :func:`maml_grad`.
+
+    Example:
+        >>> L = lambda p, b: 0.5 * ((b[0] * p["w"] - b[1]) ** 2).sum()
+        >>> s = q = (torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]))
+        >>> fomaml_grad(L, {"w": torch.tensor(1.0)}, s, q, lr=0.1)["w"]    # 2·0.8
+        tensor(1.6000)
+    """
+    loss, params, support, query, lr, steps = _checked(loss_fn, params, support, query, lr, steps)
+    theta_k = _trajectory(loss, tree_detach(params), support, lr, steps)[-1]
+    return tree_detach(grad(loss)(theta_k, query))

@@ -1,0 +1,131 @@
+"""Functional models and losses: ``model_fn(params, x)`` and ``loss_fn(params, batch)``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ._params import Batch, LossFn, ModelFn, Params
+
+Activation = Literal["relu", "tanh"]
+_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
+_REDUCTIONS = ("mean", "sum", "half_sum")
+
+
+def init_mlp(
+    sizes: Sequence[int],
+    *,
+    seed: int = 0,
+    scheme: Literal["torch", "paper"] = "torch",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Params:
+    """Seeded parameters ``{"w0", "b0", "w1", "b1", …}`` of an MLP with layer widths ``sizes``.
+
+    ``w_l`` has shape (sizes[l+1], sizes[l]) as in ``torch.nn.Linear``.
+
+    Args:
+        sizes: layer widths, input first, e.g. ``(1, 40, 40, 1)`` for the MAML sinusoid network.
+        seed: the seed of a private generator (the global RNG is not touched).
+        scheme: ``"torch"``: U(±1/√fan_in) weights and biases, as ``nn.Linear``;
+            ``"paper"``: truncated-normal(σ = 0.01) weights and zero biases, as the MAML code.
+        dtype: defaults to ``torch.get_default_dtype()``.
+        device: where the tensors live.
+
+    Example:
+        >>> {k: tuple(v.shape) for k, v in init_mlp((1, 40, 40, 1)).items()}
+        {'w0': (40, 1), 'b0': (40,), 'w1': (40, 40), 'b1': (40,), 'w2': (1, 40), 'b2': (1,)}
+    """
+    sizes = list(sizes)
+    if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+        raise ValueError(f"sizes must list at least two positive ints, got {sizes}")
+    if scheme not in ("torch", "paper"):
+        raise ValueError(f"scheme must be 'torch' or 'paper', got {scheme!r}")
+    dtype = dtype or torch.get_default_dtype()
+    gen = torch.Generator().manual_seed(seed)
+    params: Params = {}
+    for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if scheme == "torch":
+            bound = 1.0 / math.sqrt(fan_in)
+            w = (torch.rand(fan_out, fan_in, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+            b = (torch.rand(fan_out, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+        else:
+            w = torch.nn.init.trunc_normal_(
+                torch.empty(fan_out, fan_in, dtype=torch.float64),
+                std=0.01,
+                a=-0.02,
+                b=0.02,
+                generator=gen,
+            )
+            b = torch.zeros(fan_out, dtype=torch.float64)
+        params[f"w{layer}"] = w.to(dtype=dtype, device=device)
+        params[f"b{layer}"] = b.to(dtype=dtype, device=device)
+    return params
+
+
+def mlp(params: Params, x: Tensor, activation: Activation = "relu") -> Tensor:
+    """Apply the MLP of :func:`init_mlp`: ``x`` of shape (..., sizes[0]) → (..., sizes[-1]).
+
+    Hidden layers use ``activation`` ("relu" or "tanh"); the output layer is linear.
+
+    Example:
+        >>> p = init_mlp((1, 8, 1), seed=0)
+        >>> mlp(p, torch.zeros(5, 1)).shape
+        torch.Size([5, 1])
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    n_layers = len(params) // 2
+    if x.ndim == 0 or x.shape[-1] != params["w0"].shape[1]:
+        raise ValueError(f"x must have shape (..., {params['w0'].shape[1]}), got {tuple(x.shape)}")
+    act = _ACTIVATIONS[activation]
+    h = x
+    for layer in range(n_layers):
+        h = torch.nn.functional.linear(h, params[f"w{layer}"], params[f"b{layer}"])
+        if layer < n_layers - 1:
+            h = act(h)
+    return h
+
+
+def make_mse_loss(
+    model_fn: ModelFn, *, reduction: Literal["mean", "sum", "half_sum"] = "mean"
+) -> LossFn:
+    r"""Turn ``model_fn(params, x)`` into ``loss_fn(params, (x, y))``, a squared error.
+
+    ``reduction`` fixes the convention, which scales the gradient, the Hessian and so the
+    effective inner step size (question 5 of the notebooks):
+
+    - ``"mean"``: ``(1/n) Σ (f − y)²`` over all n entries (the MAML paper's code);
+    - ``"sum"``: ``Σ (f − y)²``;
+    - ``"half_sum"``: ``½ Σ (f − y)²`` (the textbook form; ∇²L = Gauss–Newton + residual part).
+
+    Predictions and targets must have exactly the same shape: a (N,) target against (N, 1)
+    predictions would silently broadcast to (N, N), so it raises instead.
+
+    Example:
+        >>> line = lambda p, x: p["w"] * x
+        >>> loss = make_mse_loss(line, reduction="half_sum")
+        >>> loss({"w": torch.tensor(2.0)}, (torch.ones(3, 1), torch.zeros(3, 1)))
+        tensor(6.)
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+    def loss_fn(params: Params, batch: Batch) -> Tensor:
+        x, y = batch
+        prediction = model_fn(params, x)
+        if prediction.shape != y.shape:
+            raise ValueError(
+                f"y must have the shape of the model's prediction {tuple(prediction.shape)}, "
+                f"got {tuple(y.shape)}"
+            )
+        squared = (prediction - y).pow(2)
+        if reduction == "mean":
+            return squared.mean()
+        return squared.sum() if reduction == "sum" else 0.5 * squared.sum()
+
+    return loss_fn
