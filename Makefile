@@ -10,7 +10,6 @@ STAMP  := $(VENV)/.mamlkit-installed
 # spin-waiting (2 spinning threads on 2 vCPUs were measured 10-30x slower). Override freely.
 export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
-export MPLBACKEND ?= Agg
 
 .PHONY: install lab test notebooks verify lint bench reproduce clean
 
@@ -25,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 ## lab: open JupyterLab on the notebooks (the main job: read and run them)
 lab: install
-	MPLBACKEND= $(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab notebooks/
 
 ## test: unit tests, doctests and every notebook under nbval (quick mode)
 test: install
