@@ -14,13 +14,14 @@ from ._metagrad import (
     maml_grad_hvp,
     maml_grad_jacobian,
 )
-from ._models import init_mlp, make_mse_loss, mlp
+from ._models import MSELoss, init_mlp, make_mse_loss, mlp
 from ._params import flatten_params, num_params, unflatten_params
 from ._runtime import set_cpu_threads
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MSELoss",
     "adapt",
     "flatten_params",
     "fomaml_grad",

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from ._params import Batch, LossFn, ModelFn, Params
+from ._params import Batch, ModelFn, Params
 
 Activation = Literal["relu", "tanh"]
+Reduction = Literal["mean", "sum", "half_sum"]
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
 _REDUCTIONS = ("mean", "sum", "half_sum")
 
@@ -91,9 +93,32 @@ def mlp(params: Params, x: Tensor, activation: Activation = "relu") -> Tensor:
     return h
 
 
-def make_mse_loss(
-    model_fn: ModelFn, *, reduction: Literal["mean", "sum", "half_sum"] = "mean"
-) -> LossFn:
+@dataclass(frozen=True)
+class MSELoss:
+    """A squared-error ``loss_fn(params, (x, y))`` built from ``model_fn``; see :func:`make_mse_loss`.
+
+    Its fields stay inspectable, so code can recognise a known model (e.g. :func:`mlp`) and take
+    a specialised path.
+    """
+
+    model_fn: ModelFn
+    reduction: Reduction = "mean"
+
+    def __call__(self, params: Params, batch: Batch) -> Tensor:
+        x, y = batch
+        prediction = self.model_fn(params, x)
+        if prediction.shape != y.shape:
+            raise ValueError(
+                f"y must have the shape of the model's prediction {tuple(prediction.shape)}, "
+                f"got {tuple(y.shape)}"
+            )
+        squared = (prediction - y).pow(2)
+        if self.reduction == "mean":
+            return squared.mean()
+        return squared.sum() if self.reduction == "sum" else 0.5 * squared.sum()
+
+
+def make_mse_loss(model_fn: ModelFn, *, reduction: Reduction = "mean") -> MSELoss:
     r"""Turn ``model_fn(params, x)`` into ``loss_fn(params, (x, y))``, a squared error.
 
     ``reduction`` fixes the convention, which scales the gradient, the Hessian and so the
@@ -112,20 +137,8 @@ def make_mse_loss(
         >>> loss({"w": torch.tensor(2.0)}, (torch.ones(3, 1), torch.zeros(3, 1)))
         tensor(6.)
     """
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be callable as model_fn(params, x), got {model_fn!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-
-    def loss_fn(params: Params, batch: Batch) -> Tensor:
-        x, y = batch
-        prediction = model_fn(params, x)
-        if prediction.shape != y.shape:
-            raise ValueError(
-                f"y must have the shape of the model's prediction {tuple(prediction.shape)}, "
-                f"got {tuple(y.shape)}"
-            )
-        squared = (prediction - y).pow(2)
-        if reduction == "mean":
-            return squared.mean()
-        return squared.sum() if reduction == "sum" else 0.5 * squared.sum()
-
-    return loss_fn
+    return MSELoss(model_fn, reduction)
