@@ -57,10 +57,11 @@ def _checked(
     query: Batch | None,
     lr: float,
     steps: int,
+    support_name: str = "support",
 ) -> tuple[LossFn, Params, Batch, Batch | None, float, int]:
     loss = checked_loss(loss_fn)
     params = check_params(params)
-    support = check_batch(support, "support")
+    support = check_batch(support, support_name)
     query = check_batch(query, "query") if query is not None else None
     return loss, params, support, query, check_lr(lr), check_steps(steps)
 
@@ -98,7 +99,7 @@ def adapt(
         >>> adapt(L, {"w": torch.tensor([1.0])}, (torch.zeros(1), torch.zeros(1)), lr=0.5, steps=2)
         {'w': tensor([0.2500])}
     """
-    loss, params, batch, _, lr, steps = _checked(loss_fn, params, batch, None, lr, steps)
+    loss, params, batch, _, lr, steps = _checked(loss_fn, params, batch, None, lr, steps, "batch")
     if not isinstance(first_order, bool):
         raise TypeError(f"first_order must be a bool, got {type(first_order).__name__}")
     return _adapt(loss, params, batch, lr, steps, first_order)
@@ -202,7 +203,7 @@ def inner_jacobian(
         tensor([[0.2500, 0.0000],
                 [0.0000, 0.2500]])
     """
-    loss, params, batch, _, lr, steps = _checked(loss_fn, params, batch, None, lr, steps)
+    loss, params, batch, _, lr, steps = _checked(loss_fn, params, batch, None, lr, steps, "batch")
     path = _trajectory(loss, tree_detach(params), batch, lr, steps)
     return _jacobian_product(loss, path, batch, lr)
 
