@@ -6,6 +6,15 @@ Parameters are ``dict[str, Tensor]``, losses are ``loss_fn(params, batch)`` with
 
 from . import symbolic
 from ._curvature import hessian, hvp, mse_hessian_parts
+from ._estimators import (
+    IMAMLResult,
+    MetaGradientReport,
+    compare_meta_gradient,
+    es_maml_grad,
+    imaml,
+    imaml_grad,
+    reptile_grad,
+)
 from ._metagrad import (
     adapt,
     fomaml_grad,
@@ -21,12 +30,18 @@ from ._runtime import set_cpu_threads
 __version__ = "0.1.0"
 
 __all__ = [
+    "IMAMLResult",
     "MSELoss",
+    "MetaGradientReport",
     "adapt",
+    "compare_meta_gradient",
+    "es_maml_grad",
     "flatten_params",
     "fomaml_grad",
     "hessian",
     "hvp",
+    "imaml",
+    "imaml_grad",
     "init_mlp",
     "inner_jacobian",
     "make_mse_loss",
@@ -36,6 +51,7 @@ __all__ = [
     "mlp",
     "mse_hessian_parts",
     "num_params",
+    "reptile_grad",
     "set_cpu_threads",
     "symbolic",
     "unflatten_params",
