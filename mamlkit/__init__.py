@@ -15,6 +15,8 @@ from ._estimators import (
     imaml_grad,
     reptile_grad,
 )
+from ._evaluate import EvalResult, evaluate, evaluate_tasks, mean_ci95
+from ._metabatch import meta_batch_grad
 from ._metagrad import (
     adapt,
     fomaml_grad,
@@ -26,16 +28,38 @@ from ._metagrad import (
 from ._models import MSELoss, init_mlp, make_mse_loss, mlp
 from ._params import flatten_params, num_params, unflatten_params
 from ._runtime import set_cpu_threads
+from ._tasks import (
+    QuadraticTasks,
+    SinusoidFamily,
+    SinusoidTasks,
+    quadratic_grad,
+    quadratic_hessian,
+    quadratic_loss,
+    quadratic_matrix,
+    quadratic_meta_grad,
+    sample_quadratic_tasks,
+    sample_sinusoid_tasks,
+    sinusoid,
+    sinusoid_grid,
+)
+from ._train import TrainResult, load_checkpoint, meta_train, save_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EvalResult",
     "IMAMLResult",
     "MSELoss",
     "MetaGradientReport",
+    "QuadraticTasks",
+    "SinusoidFamily",
+    "SinusoidTasks",
+    "TrainResult",
     "adapt",
     "compare_meta_gradient",
     "es_maml_grad",
+    "evaluate",
+    "evaluate_tasks",
     "flatten_params",
     "fomaml_grad",
     "hessian",
@@ -44,15 +68,29 @@ __all__ = [
     "imaml_grad",
     "init_mlp",
     "inner_jacobian",
+    "load_checkpoint",
     "make_mse_loss",
     "maml_grad",
     "maml_grad_hvp",
     "maml_grad_jacobian",
+    "mean_ci95",
+    "meta_batch_grad",
+    "meta_train",
     "mlp",
     "mse_hessian_parts",
     "num_params",
+    "quadratic_grad",
+    "quadratic_hessian",
+    "quadratic_loss",
+    "quadratic_matrix",
+    "quadratic_meta_grad",
     "reptile_grad",
+    "sample_quadratic_tasks",
+    "sample_sinusoid_tasks",
+    "save_checkpoint",
     "set_cpu_threads",
+    "sinusoid",
+    "sinusoid_grid",
     "symbolic",
     "unflatten_params",
 ]
