@@ -549,4 +549,47 @@ def fast_meta_batch_grad(
     return {k: out[k] for k in params}, losses
 
 
-__all__ = ["fast_meta_batch_grad", "supports_fast_path"]
+def fast_adam_step(
+    params: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor],
+    state: Mapping[str, object],
+    lr: float,
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> tuple[Params, dict[str, object]]:
+    r"""One Adam step on dicts with ``torch._foreach_*`` kernels: 8 dispatches for any number of
+    tensors instead of ~8 per tensor.
+
+    .. math::
+
+        m ← β_1 m + (1 − β_1) g, \quad v ← β_2 v + (1 − β_2) g², \quad
+        θ ← θ − \frac{lr}{1 − β_1^t} \frac{m}{\sqrt{v / (1 − β_2^t)} + ε}
+
+    (``torch.optim.Adam``'s update). Pure: returns new parameters and a new
+    ``state = {"t": int, "m": dict, "v": dict}``; nothing passed in is changed.
+
+    Example:
+        >>> p, g = {"w": torch.tensor([1.0])}, {"w": torch.tensor([0.5])}
+        >>> state = {"t": 0, "m": {"w": torch.zeros(1)}, "v": {"w": torch.zeros(1)}}
+        >>> new, state = fast_adam_step(p, g, state, 0.1)
+        >>> new["w"], state["t"]                     # first step: θ − lr·sign(g)
+        (tensor([0.9000]), 1)
+    """
+    keys = list(params)
+    beta1, beta2 = betas
+    t = int(state["t"]) + 1  # type: ignore[call-overload]
+    m_in, v_in = state["m"], state["v"]
+    g = [grads[k] for k in keys]
+    m = torch._foreach_mul([m_in[k] for k in keys], beta1)  # type: ignore[index]
+    torch._foreach_add_(m, g, alpha=1 - beta1)
+    v = torch._foreach_mul([v_in[k] for k in keys], beta2)  # type: ignore[index]
+    torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+    denom = torch._foreach_div(v, 1 - beta2**t)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    new = torch._foreach_addcdiv([params[k] for k in keys], m, denom, value=-lr / (1 - beta1**t))
+    return dict(zip(keys, new)), {"t": t, "m": dict(zip(keys, m)), "v": dict(zip(keys, v))}
+
+
+__all__ = ["fast_adam_step", "fast_meta_batch_grad", "supports_fast_path"]

@@ -348,3 +348,29 @@ def test_bad_input_is_refused_by_name(change, error, match):
 def test_lam_and_cg_steps_are_ignored_outside_imaml():
     args, kw = _bad(lam=-1.0, cg_steps=0)
     fast_meta_batch_grad(**args, **kw)  # as meta_batch_grad: no error for MAML
+
+
+def test_fast_adam_step_is_torch_optim_adam():
+    """Ten steps against torch.optim.Adam on leaf tensors (and the inputs stay unchanged)."""
+    from mamlkit._fast import fast_adam_step
+
+    params = init_mlp((1, 5, 1), dtype=F64)
+    leaves = [v.clone().requires_grad_() for v in params.values()]
+    opt = torch.optim.Adam(leaves, lr=0.01)
+    state = {"t": 0, "m": {k: torch.zeros_like(v) for k, v in params.items()}}
+    state["v"] = {k: torch.zeros_like(v) for k, v in params.items()}
+    g = torch.Generator().manual_seed(0)
+    theta = params
+    for _ in range(10):
+        grads = {k: torch.randn(v.shape, generator=g, dtype=F64) for k, v in params.items()}
+        old, kept = theta, {k: v.clone() for k, v in theta.items()}
+        kept_m = {k: v.clone() for k, v in state["m"].items()}
+        for leaf, gk in zip(leaves, grads.values()):
+            leaf.grad = gk.clone()
+        opt.step()
+        old_m = state["m"]
+        theta, state = fast_adam_step(theta, grads, state, 0.01)
+        assert all(torch.equal(old[k], kept[k]) and torch.equal(old_m[k], kept_m[k]) for k in kept)
+    for v, leaf in zip(theta.values(), leaves):
+        torch.testing.assert_close(v, leaf.detach(), rtol=1e-12, atol=1e-14)
+    assert state["t"] == 10 and list(theta) == list(params)
