@@ -26,6 +26,7 @@ from ._checks import (
     check_steps,
     checked_loss,
 )
+from ._estimators import imaml, reptile_grad
 from ._metagrad import _adapt
 from ._params import Batch, LossFn, Params, tree_detach
 
@@ -71,6 +72,25 @@ def _fomaml_task(loss: LossFn, lr: float, steps: int):
     return task
 
 
+def _reptile_task(loss: LossFn, lr: float, steps: int):
+    def task(theta: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
+        g = reptile_grad(loss, theta, support, lr=lr, steps=steps)
+        theta_k = {k: theta[k] - lr * g[k] for k in theta}  # (θ − θ_k)/α = g
+        return g, loss(theta_k, query)
+
+    return task
+
+
+def _imaml_task(loss: LossFn, lr: float, steps: int, lam: float, cg_steps: int):
+    def task(theta: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
+        result = imaml(
+            loss, theta, support, query, lam=lam, lr=lr, steps=steps, cg_steps=cg_steps, cg_tol=0.0
+        )
+        return result.grad, loss(result.phi, query)
+
+    return task
+
+
 def _query_loss_task(loss: LossFn, lr: float, steps: int):
     """``L_q(θ_k)`` after k plain SGD steps on the support set: the shared progress measure."""
 
@@ -102,12 +122,14 @@ def meta_batch_grad(
     - ``"fomaml"``: ``∇L_{Q_i}(θ_k)`` (every inner Jacobian replaced by I);
     - ``"reptile"``: ``mamlkit.reptile_grad``, ``(θ − θ_k)/α`` after k steps on the support
       set (Reptile has no outer evaluation set: the query set enters only ``query_losses``);
-    - ``"imaml"``: ``mamlkit.imaml_grad`` with proximal strength ``lam``, ``steps`` inner steps
-      of size ``lr`` and ``cg_steps`` conjugate-gradient iterations (``cg_tol=0``, vmap-safe).
+    - ``"imaml"``: ``mamlkit.imaml``'s implicit gradient ``(I + H_{S_i}(φ)/λ)⁻¹∇L_{Q_i}(φ)``,
+      φ from ``steps`` gradient steps of size ``lr`` on ``L_{S_i}(φ) + λ/2‖φ − θ‖²`` and
+      ``cg_steps`` conjugate-gradient iterations (``cg_tol=0``: vmap-safe).
 
-    The result is ``g = (1/T) Σ_i g_i``. ``query_losses[i]`` is ``L_{Q_i}(θ_k)`` after ``steps``
-    plain SGD steps of size ``lr`` on ``S_i`` for every method (for MAML and FOMAML it is the
-    value their gradient was taken of), so training curves of different methods compare.
+    The result is ``g = (1/T) Σ_i g_i``. ``query_losses[i]`` is the query loss at the method's
+    own adapted parameters, at no extra cost: ``L_{Q_i}(θ_k)`` after ``steps`` plain SGD steps
+    of size ``lr`` on ``S_i`` for MAML, FOMAML and Reptile (the same quantity for all three),
+    ``L_{Q_i}(φ)`` for iMAML.
 
     Args:
         method: ``"maml"``, ``"fomaml"``, ``"reptile"`` or ``"imaml"``.
@@ -146,48 +168,17 @@ def meta_batch_grad(
             f"and {query[0].shape[0]}"
         )
     lr, steps = check_lr(lr), check_steps(steps)
-    batched = (None, 0, 0)
-
     if method == "maml":
-        grads, losses = vmap(_maml_task(loss, lr, steps), in_dims=batched)(params, support, query)
+        task = _maml_task(loss, lr, steps)
     elif method == "fomaml":
-        grads, losses = vmap(_fomaml_task(loss, lr, steps), in_dims=batched)(params, support, query)
+        task = _fomaml_task(loss, lr, steps)
+    elif method == "reptile":
+        task = _reptile_task(loss, lr, check_positive_int(steps, "steps"))
     else:
-        steps = check_positive_int(steps, "steps")
-        grads = _estimator_grads(method, loss, params, support, query, lr, steps, lam, cg_steps)
-        losses = vmap(_query_loss_task(loss, lr, steps), in_dims=batched)(params, support, query)
+        lam, cg_steps = check_positive(lam, "lam"), check_positive_int(cg_steps, "cg_steps")
+        task = _imaml_task(loss, lr, check_positive_int(steps, "steps"), lam, cg_steps)
+    grads, losses = vmap(task, in_dims=(None, 0, 0))(params, support, query)
     return {k: g.mean(0) for k, g in tree_detach(grads).items()}, losses.detach()
-
-
-def _estimator_grads(
-    method: str,
-    loss: LossFn,
-    params: Params,
-    support: Batch,
-    query: Batch,
-    lr: float,
-    steps: int,
-    lam: float,
-    cg_steps: int,
-) -> Params:
-    from ._estimators import imaml_grad, reptile_grad
-
-    if method == "reptile":
-
-        def task(theta: Params, batch: Batch) -> Params:
-            return reptile_grad(loss, theta, batch, lr=lr, steps=steps)
-
-        return vmap(task, in_dims=(None, 0))(params, support)
-
-    lam = check_positive(lam, "lam")
-    cg_steps = check_positive_int(cg_steps, "cg_steps")
-
-    def imaml_task(theta: Params, s: Batch, q: Batch) -> Params:
-        return imaml_grad(
-            loss, theta, s, q, lam=lam, lr=lr, steps=steps, cg_steps=cg_steps, cg_tol=0.0
-        )
-
-    return vmap(imaml_task, in_dims=(None, 0, 0))(params, support, query)
 
 
 __all__ = ["METHODS", "meta_batch_grad"]

@@ -50,8 +50,9 @@ class TrainResult(NamedTuple):
     Attributes:
         params: the trained θ, new detached tensors.
         history: (iterations,) float64, the meta-batch mean of the post-adaptation query loss
-            ``L_q(θ_k)`` at each iteration (before that iteration's update), the same quantity
-            for every method.
+            at each iteration (before that iteration's update): ``L_q(θ_k)`` after ``steps``
+            SGD steps of size ``lr`` on the support set for every method except iMAML, whose
+            adapted parameters are its proximal solution φ (see ``meta_batch_grad``).
         config: a JSON-ready dict of everything needed to reproduce the run.
     """
 
@@ -240,9 +241,9 @@ def meta_train(
     return TrainResult(tree_detach(theta), history, config)
 
 
-def save_checkpoint(result: TrainResult, directory: str | Path) -> Path:
-    """Write ``params.pt`` (``torch.save`` of the params dict) and ``config.json`` (config and
-    history) into ``directory`` (created if needed); return the directory.
+def save_checkpoint(result: TrainResult, directory: str | Path, *, history: bool = True) -> Path:
+    """Write ``params.pt`` (``torch.save`` of the params dict) and ``config.json`` (config and,
+    if ``history``, the history) into ``directory`` (created if needed); return the directory.
 
     Example:
         >>> import tempfile
@@ -256,7 +257,7 @@ def save_checkpoint(result: TrainResult, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in result.params.items()}, directory / "params.pt")
-    record = {"config": result.config, "history": result.history.tolist()}
+    record = {"config": result.config, "history": result.history.tolist() if history else []}
     (directory / "config.json").write_text(json.dumps(record, indent=1) + "\n")
     return directory
 

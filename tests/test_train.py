@@ -14,6 +14,7 @@ from mamlkit import (
     evaluate,
     evaluate_tasks,
     fomaml_grad,
+    imaml,
     imaml_grad,
     init_mlp,
     load_checkpoint,
@@ -66,8 +67,10 @@ def reference(method, loss, params, support, query, *, lr, steps, lam=1.0, cg_st
             g = reptile_grad(loss, params, s, lr=lr, steps=steps)
         else:
             g = imaml_grad(loss, params, s, q, lam=lam, lr=lr, steps=steps, cg_steps=cg_steps)
+            phi = imaml(loss, params, s, q, lam=lam, lr=lr, steps=steps, cg_steps=cg_steps).phi
         grads.append(g)
-        losses.append(loss(adapt(loss, params, s, lr=lr, steps=steps), q))
+        adapted = phi if method == "imaml" else adapt(loss, params, s, lr=lr, steps=steps)
+        losses.append(loss(adapted, q))
     mean = {k: torch.stack([g[k] for g in grads]).mean(0) for k in params}
     return mean, torch.stack(losses)
 
