@@ -264,7 +264,8 @@ def fomaml_grad(
 
     It keeps the post-update evaluation point θ_k (where most of MAML's benefit comes from) and
     drops every term containing the support Hessian; the difference to :func:`maml_grad` for
-    one step is exactly ``α H_s(θ) ∇L_q(θ′)``. The result has no autograd history.
+    one step is exactly ``α H_s(θ) ∇L_q(θ′)``. Only the current iterate is kept: O(P) memory
+    for any k. The result has no autograd history.
 
     Args and Returns: as :func:`maml_grad`.
 
@@ -275,5 +276,5 @@ def fomaml_grad(
         tensor(1.6000)
     """
     loss, params, support, query, lr, steps = _checked(loss_fn, params, support, query, lr, steps)
-    theta_k = _trajectory(loss, tree_detach(params), support, lr, steps)[-1]
+    theta_k = _adapt(loss, tree_detach(params), support, lr, steps, first_order=True)
     return tree_detach(grad(loss)(theta_k, query))
