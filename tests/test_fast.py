@@ -374,3 +374,20 @@ def test_fast_adam_step_is_torch_optim_adam():
     for v, leaf in zip(theta.values(), leaves):
         torch.testing.assert_close(v, leaf.detach(), rtol=1e-12, atol=1e-14)
     assert state["t"] == 10 and list(theta) == list(params)
+
+
+def test_benchmark_implementations_compute_the_exact_meta_gradient():
+    """benchmarks/bench_meta.py asserts this before timing; keep it true between runs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_meta.py"
+    spec = importlib.util.spec_from_file_location("bench_meta", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cases = [(bench.FAST, s) for s in bench.SETTINGS]
+    cases += [
+        (impl, s) for impl in (bench.BASELINE, "torch.func vmap") for s in bench.PEER_SETTINGS
+    ]
+    errors = bench.check_gradients(cases)
+    assert len(errors) == len(cases) and max(errors.values()) < 1e-9
