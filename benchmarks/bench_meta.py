@@ -637,12 +637,14 @@ def plot(result: dict[str, Any], out_dir: Path) -> None:
     ax1.invert_yaxis()
     ax1.set_xscale("log")
     ax1.set_xlabel("ms per meta-iteration (log scale; median, IQR)")
-    ax1.set_title("One meta-iteration, 25 sinusoid tasks, 1 thread")
+    threads = result["environment"]["torch_threads"]
+    ax1.set_title(f"One meta-iteration, 25 sinusoid tasks, {threads} torch thread(s)")
     for name, points in result["memory"].items():
         ks = sorted(points, key=int)
         ax2.plot([int(k) for k in ks], [points[k] / 1024 for k in ks], marker="o", label=name)
+    ax2.set_yscale("log")
     ax2.set_xlabel("inner steps k")
-    ax2.set_ylabel("peak allocator bytes of one call (KiB)")
+    ax2.set_ylabel("peak allocator KiB of one call (log scale)")
     ax2.set_title("Memory of one meta-gradient against k")
     ax2.legend(fontsize=7)
     fig.tight_layout()

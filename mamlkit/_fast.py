@@ -123,28 +123,31 @@ class _Tape(NamedTuple):
 
     hts: list[Tensor]  # augmented layer inputs h̃_0 = [x, 1], …, h̃_{L−1}, each (T, N, in + 1)
     dacts: list[Tensor]  # σ′(z_l) of the hidden layers, each (T, N, out)
-    acts: list[Tensor]  # σ(z_l) of the hidden layers (the tanh R-op needs them)
     deltas: list[Tensor]  # δ̂_l = ∂L/∂z_l / c per task, each (T, N, out)
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """(T, N, i) × (i, o) as one (T·N, i) × (i, o) product, or (T, N, i) × (T, i, o) by bmm."""
+    return torch.bmm(a, b) if b.ndim == 3 else torch.matmul(a, b)
 
 
 def _forward(
     layers: list[Tensor], xt: Tensor, ones: Tensor, tanh: bool
-) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    """The prediction f (T, N, out) and the activations a backward pass needs."""
-    hts, dacts, acts = [xt], [], []
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The prediction f (T, N, out), the layer inputs h̃_l and the σ′(z_l)."""
+    hts, dacts = [xt], []
     h = xt
     for a_l in layers[:-1]:
-        z = torch.matmul(h, a_l.mT)  # shared A_l: one (T·N, in+1) × (in+1, out) product
+        z = _mm(h, a_l.mT)
         if tanh:
             act = torch.tanh(z)
             dacts.append(1.0 - act * act)
         else:
             act = torch.relu(z)
             dacts.append(torch.sign(act))  # σ′(z) = 1[z > 0], as torch.relu's backward
-        acts.append(act)
         h = torch.cat((act, ones), -1)
         hts.append(h)
-    return torch.matmul(h, layers[-1].mT), hts, dacts, acts
+    return _mm(h, layers[-1].mT), hts, dacts
 
 
 def _weights(layers: list[Tensor]) -> list[Tensor | None]:
@@ -178,7 +181,7 @@ def _descend(
                 acc[i], delta.flatten(0, 1).mT, hts[i].flatten(0, 1), alpha=acc_alpha
             )
         if i:
-            delta = torch.matmul(delta, weights[i]) * dacts[i - 1]
+            delta = _mm(delta, weights[i]) * dacts[i - 1]
     return out, deltas
 
 
@@ -187,7 +190,7 @@ def _deltas(weights: list[Tensor | None], dacts: list[Tensor], delta: Tensor) ->
     n = len(weights)
     deltas: list[Tensor] = [delta] * n
     for i in range(n - 1, 0, -1):
-        delta = torch.matmul(delta, weights[i]) * dacts[i - 1]
+        delta = _mm(delta, weights[i]) * dacts[i - 1]
         deltas[i - 1] = delta
     return deltas
 
@@ -214,7 +217,7 @@ def _gradient(
         else:
             out[i] = torch.baddbmm(zero, delta.mT, hts[i], beta=0, alpha=scale)
         if i:
-            delta = torch.matmul(delta, weights[i]) * dacts[i - 1]
+            delta = _mm(delta, weights[i]) * dacts[i - 1]
     return out
 
 
@@ -233,7 +236,7 @@ def _hvp(
     ``v`` is per task (T, out, in+1); with ``reduce`` the Ĥv term is summed over tasks and
     ``acc`` is (out, in+1).
     """
-    hts, dacts, acts, deltas = tape
+    hts, dacts, deltas = tape
     n = len(hts)
     zeros = torch.zeros_like(hts[0][..., :1])
     rhs: list[Tensor | None] = [None] * n
@@ -243,7 +246,7 @@ def _hvp(
         rh = rz * dacts[i - 1]
         rhs[i] = rh
         rzs.append(rz)
-        rz = torch.baddbmm(torch.matmul(rh, weights[i].mT), hts[i], v[i].mT)
+        rz = torch.baddbmm(_mm(rh, weights[i].mT), hts[i], v[i].mT)
     rdelta = rz
     out: list[Tensor] = [rz] * n
     for i in range(n - 1, -1, -1):
@@ -261,10 +264,11 @@ def _hvp(
             o = torch.baddbmm(acc[i], rdelta_delta.mT, h_rh, beta=beta, alpha=alpha)
         out[i] = o
         if i:
-            t = torch.baddbmm(torch.matmul(rdelta, weights[i]), delta, v[i][..., :-1])
+            t = torch.baddbmm(_mm(rdelta, weights[i]), delta, v[i][..., :-1])
             rdelta = t * dacts[i - 1]
             if tanh:  # (δ_l W_l) ⊙ σ″(z) Rz with σ″ = −2σσ′: −2 δ_{l−1} ⊙ h_l ⊙ Rz_{l−1}
-                rdelta = torch.addcmul(rdelta, deltas[i - 1] * acts[i - 1], rzs[i - 1], value=-2.0)
+                h_i = hts[i][..., :-1]  # σ(z_{i−1})
+                rdelta = torch.addcmul(rdelta, deltas[i - 1] * h_i, rzs[i - 1], value=-2.0)
     return out
 
 
@@ -305,7 +309,7 @@ def _query(
     prob: _Problem, layers: list[Tensor]
 ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
     """Forward on the query set: (δ̂ = f − y, layer inputs, σ′'s, per-task losses)."""
-    f, hts, dacts, _ = _forward(layers, prob.xq, prob.ones_q, prob.tanh)
+    f, hts, dacts = _forward(layers, prob.xq, prob.ones_q, prob.tanh)
     residual = f - prob.yq
     return residual, hts, dacts, _task_losses(residual, prob.reduction)
 
@@ -322,11 +326,11 @@ def _maml(
     layers, weights = theta, weights0
     path, tapes = [], []
     for _ in range(steps):
-        f, hts, dacts, acts = _forward(layers, prob.xs, prob.ones_s, prob.tanh)
+        f, hts, dacts = _forward(layers, prob.xs, prob.ones_s, prob.tanh)
         new, deltas = _descend(layers, weights, hts, dacts, f - prob.ys, -lr * c_s)
         if not first_order:
             path.append(weights)
-            tapes.append(_Tape(hts, dacts, acts, deltas))
+            tapes.append(_Tape(hts, dacts, deltas))
         layers = new
         weights = _weights(layers)
     residual, hts, dacts, losses = _query(prob, layers)
@@ -347,7 +351,7 @@ def _reptile(
     layers, weights = theta, weights0
     total = [theta[0].new_zeros(())] * len(theta)
     for _ in range(steps):
-        f, hts, dacts, _ = _forward(layers, prob.xs, prob.ones_s, prob.tanh)
+        f, hts, dacts = _forward(layers, prob.xs, prob.ones_s, prob.tanh)
         layers, _ = _descend(
             layers,
             weights,
@@ -374,12 +378,12 @@ def _imaml(
 ) -> tuple[list[Tensor], Tensor]:
     layers, weights = theta, weights0
     for _ in range(steps):  # φ ← φ − α(∇L_s(φ) + λ(φ − θ)) = (1 − αλ)φ + αλθ − α∇L_s(φ)
-        f, hts, dacts, _ = _forward(layers, prob.xs, prob.ones_s, prob.tanh)
+        f, hts, dacts = _forward(layers, prob.xs, prob.ones_s, prob.tanh)
         layers, _ = _descend(layers, weights, hts, dacts, f - prob.ys, -lr * prob.c_s, 1 - lr * lam)
         layers = [a_l.add_(t_l, alpha=lr * lam) for a_l, t_l in zip(layers, theta)]
         weights = _weights(layers)
-    f, hts, dacts, acts = _forward(layers, prob.xs, prob.ones_s, prob.tanh)
-    tape = _Tape(hts, dacts, acts, _deltas(weights, dacts, f - prob.ys))
+    f, hts, dacts = _forward(layers, prob.xs, prob.ones_s, prob.tanh)
+    tape = _Tape(hts, dacts, _deltas(weights, dacts, f - prob.ys))
     residual, hts_q, dacts_q, losses = _query(prob, layers)
     zero = residual.new_zeros(())
     rhs = _gradient(weights, hts_q, dacts_q, residual, False, prob.c_q, zero)
