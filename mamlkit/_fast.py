@@ -238,7 +238,7 @@ def _hvp(
     """
     hts, dacts, deltas = tape
     n = len(hts)
-    zeros = torch.zeros_like(hts[0][..., :1])
+    zeros = None if reduce else torch.zeros_like(hts[0][..., :1])
     rhs: list[Tensor | None] = [None] * n
     rzs: list[Tensor] = []
     rz = torch.bmm(hts[0], v[0].mT)
@@ -251,17 +251,18 @@ def _hvp(
     out: list[Tensor] = [rz] * n
     for i in range(n - 1, -1, -1):
         delta, rh = deltas[i], rhs[i]
-        if rh is not None:  # contract [Rδ, δ] with [h̃, (Rh, 0)] over the points at once
+        if reduce:  # one (T·N)-row contraction per term, summing over tasks too
+            o = torch.addmm(
+                acc[i], rdelta.flatten(0, 1).mT, hts[i].flatten(0, 1), beta=beta, alpha=alpha
+            )
+            if rh is not None:
+                o[:, :-1].addmm_(delta.flatten(0, 1).mT, rh.flatten(0, 1), alpha=alpha)
+        elif rh is not None:  # [Rδ, δ] against [h̃, (Rh, 0)]: one contiguous bmm
             rdelta_delta = torch.cat((rdelta, delta), 1)
             h_rh = torch.cat((hts[i], torch.cat((rh, zeros), -1)), 1)
-        else:
-            rdelta_delta, h_rh = rdelta, hts[i]
-        if reduce:
-            o = torch.addmm(
-                acc[i], rdelta_delta.flatten(0, 1).mT, h_rh.flatten(0, 1), beta=beta, alpha=alpha
-            )
-        else:
             o = torch.baddbmm(acc[i], rdelta_delta.mT, h_rh, beta=beta, alpha=alpha)
+        else:
+            o = torch.baddbmm(acc[i], rdelta.mT, hts[i], beta=beta, alpha=alpha)
         out[i] = o
         if i:
             t = torch.baddbmm(_mm(rdelta, weights[i]), delta, v[i][..., :-1])
