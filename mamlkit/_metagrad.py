@@ -88,7 +88,7 @@ def adapt(
         params: θ_0, a ``dict[str, Tensor]``; never modified.
         batch: the support data ``(x, y)``.
         lr: the inner step size α (a finite real number).
-        steps: k ≥ 0; ``steps=0`` returns a copy of ``params``.
+        steps: k ≥ 0; ``steps=0`` returns a new dict holding the caller's tensors (not clones).
         first_order: detach the inner gradients.
 
     Returns:

@@ -18,7 +18,9 @@ def set_cpu_threads(num_threads: int | None = None) -> int:
     if num_threads is None:
         env = os.environ.get("MAMLKIT_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
         num_threads = int(env) if env else 1
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int):
+        raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
+    if num_threads < 1:
         raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
     torch.set_num_threads(num_threads)
     return num_threads

@@ -396,9 +396,17 @@ def test_unflatten_params_bad_vector() -> None:
         mamlkit.unflatten_params(torch.zeros(3), _params())
 
 
-@pytest.mark.parametrize("threads", [0, -1, True, 1.5])
-def test_set_cpu_threads_bad_count(threads: object) -> None:
+@pytest.mark.parametrize(
+    ("threads", "error", "message"),
+    [
+        (0, ValueError, r"^num_threads must be an int >= 1"),
+        (-1, ValueError, r"^num_threads must be an int >= 1"),
+        (True, TypeError, r"^num_threads must be an int, got bool"),
+        (1.5, TypeError, r"^num_threads must be an int, got float"),
+    ],
+)
+def test_set_cpu_threads_bad_count(threads: object, error: type, message: str) -> None:
     before = torch.get_num_threads()
-    with pytest.raises(ValueError, match=r"^num_threads must be an int >= 1"):
+    with pytest.raises(error, match=message):
         mamlkit.set_cpu_threads(threads)
     assert torch.get_num_threads() == before
