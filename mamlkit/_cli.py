@@ -97,6 +97,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         figures=not args.no_figures,
         seed=args.seed,
     )
+    for warning in results["warnings"]:
+        print(f"[WARN] {warning}")
     for check in results["checks"]:
         print(f"[{'PASS' if check['passed'] else 'FAIL'}] {check['name']}: {check['detail']}")
     print(

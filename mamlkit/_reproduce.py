@@ -16,9 +16,14 @@ reptile    five SGD steps of 0.02 on the support set: the inner step size and nu
            0.02); one step would make Reptile plain joint training
 imaml      proximal inner problem ``L_s(φ) + λ/2‖φ − θ‖²`` with λ = 10, approximated by 5
            gradient steps of 0.01, and 5 conjugate-gradient iterations; 1/λ = 0.1 = 10α lets
-           φ move about as far as the 10 evaluation steps of α = 0.01, and λ = 10 keeps
-           ``I + H/λ`` well conditioned so that 5 CG iterations suffice (inner steps of 0.02
-           diverged within 500 iterations)
+           φ move about as far as the 10 evaluation steps of α = 0.01. Inner steps of 0.02
+           diverged within 500 iterations. iMAML is fragile here: its gradient
+           ``(I + H_s/λ)⁻¹∇L_q(φ)`` damps the sharp directions of H_s instead of penalising
+           them (MAML's ``(I − αH_s)`` flips their sign), so the support curvature can grow
+           until a gradient-descent inner loop diverges; λ = 25 or 100 with steps of 0.005 also
+           diverged within 2 000 iterations (top Hessian eigenvalue ≈ 1.6·10³ on one task), and
+           the ReLU Hessian's negative eigenvalues (down to ≈ −20 to −44) make ``I + H/λ``
+           indefinite for small λ. A diverged method is reported, not evaluated.
 pretrained the same network trained on all points of the sampled tasks (no inner loop), then
            fine-tuned like the others (the paper's baseline)
 ========== =====================================================================================
@@ -87,27 +92,34 @@ class Protocol:
         return replace(cls(iterations=2_000, eval_tasks=200), **changes)
 
 
-def _train_one(method: str, protocol: Protocol, progress: bool) -> tuple[TrainResult, float]:
+def _train_one(
+    method: str, protocol: Protocol, progress: bool
+) -> tuple[TrainResult | None, float, str | None]:
+    """Train one method; a divergence is returned as its message, not raised, so that one
+    unstable method does not lose the others' hours of training."""
     set_cpu_threads(1)
     settings = dict(protocol.settings[method])
     lr, steps = settings.pop("lr"), settings.pop("steps")
     start = time.perf_counter()
-    result = meta_train(
-        method,
-        make_mse_loss(mlp),
-        init_mlp(protocol.sizes, seed=protocol.seed),
-        SinusoidFamily(k_support=protocol.k_train),
-        meta_batch_size=protocol.meta_batch_size,
-        iterations=protocol.iterations,
-        lr=lr,
-        meta_lr=protocol.meta_lr,
-        steps=steps,
-        seed=protocol.seed + 1,
-        progress=progress,
-        log_every=max(1, min(1000, protocol.iterations // 20)),
-        **settings,
-    )
-    return result, time.perf_counter() - start
+    try:
+        result = meta_train(
+            method,
+            make_mse_loss(mlp),
+            init_mlp(protocol.sizes, seed=protocol.seed),
+            SinusoidFamily(k_support=protocol.k_train),
+            meta_batch_size=protocol.meta_batch_size,
+            iterations=protocol.iterations,
+            lr=lr,
+            meta_lr=protocol.meta_lr,
+            steps=steps,
+            seed=protocol.seed + 1,
+            progress=progress,
+            log_every=max(1, min(1000, protocol.iterations // 20)),
+            **settings,
+        )
+    except FloatingPointError as error:
+        return None, time.perf_counter() - start, str(error)
+    return result, time.perf_counter() - start, None
 
 
 def _evaluate_all(params: dict[str, torch.Tensor], protocol: Protocol) -> dict[int, EvalResult]:
@@ -142,6 +154,7 @@ def run_checks(results: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
     5-shot MSE is within :data:`FULL_BOUNDS`. Returns ``[{"name", "passed", "detail"}]``."""
     checks: list[dict[str, Any]] = []
     methods = results["methods"]
+    methods = {m: r for m, r in methods.items() if "eval" in r}
     if "maml" in methods and "pretrained" in methods:
         for k in results["protocol"]["eval_k"]:
             m, p = methods["maml"]["eval"][str(k)], methods["pretrained"]["eval"][str(k)]
@@ -176,7 +189,7 @@ def _table(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for method, record in results["methods"].items():
-        for k, curve in record["eval"].items():
+        for k, curve in record.get("eval", {}).items():
             cells = [
                 f"{curve['mse'][j]:.3f} ± {curve['ci95'][j]:.3f}" if j < len(curve["mse"]) else ""
                 for j in (0, 1, 5, 10)
@@ -193,11 +206,15 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     timing = ", ".join(
         f"{m} {r['train_seconds']:.0f} s ({1e3 * r['seconds_per_iteration']:.1f} ms/it)"
         for m, r in results["methods"].items()
+        if "seconds_per_iteration" in r
     )
     checks = "\n".join(
         f"- [{'x' if c['passed'] else ' '}] {c['name']}: {c['detail']}" for c in results["checks"]
     )
-    text = f"""# Sinusoid regression (Finn et al. 2017, §5.1), {results["mode"]} mode
+    reduced = " (REDUCED: fewer meta-iterations than the paper's)" if results["reduced"] else ""
+    warnings = "".join(f"\n## Warnings\n\n- {w}\n" for w in results["warnings"][:1])
+    warnings += "".join(f"- {w}\n" for w in results["warnings"][1:])
+    text = f"""# Sinusoid regression (Finn et al. 2017, §5.1), {results["mode"]} mode{reduced}
 
 Trained {proto["iterations"]} meta-iterations (meta-batch {proto["meta_batch_size"]}, K = \
 {proto["k_train"]}, Adam β = {proto["meta_lr"]}), {" → ".join(map(str, proto["sizes"]))} ReLU \
@@ -217,7 +234,7 @@ worker(s)): {timing}.
 ## Checks
 
 {checks}
-"""
+{warnings}"""
     path.write_text(text)
 
 
@@ -228,7 +245,7 @@ def _figures(results: dict[str, Any], trained: dict[str, TrainResult], out: Path
     import matplotlib.pyplot as plt
 
     written = []
-    methods = results["methods"]
+    methods = {m: r for m, r in results["methods"].items() if "eval" in r}
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, record in methods.items():
         curve = record["learning_curve"]
@@ -354,6 +371,7 @@ def reproduce_sinusoid(
     results: dict[str, Any] = {
         "experiment": "sinusoid regression, Finn et al. (2017) §5.1",
         "mode": "quick" if quick else "full",
+        "reduced": protocol.iterations < Protocol().iterations,
         "protocol": asdict(protocol),
         "paper": "MAML and pretrained curves are plotted (Fig. 3; appendix for K = 5, 10, 20), "
         "not reported as numbers",
@@ -367,7 +385,14 @@ def reproduce_sinusoid(
         },
     }
     trained = {}
-    for method, (result, seconds) in runs.items():
+    for method, (result, seconds, error) in runs.items():
+        if result is None:
+            results["methods"][method] = {
+                "settings": protocol.settings[method],
+                "train_seconds": round(seconds, 1),
+                "diverged": error,
+            }
+            continue
         trained[method] = result
         evals = _evaluate_all(result.params, protocol)
         results["methods"][method] = {
@@ -383,6 +408,11 @@ def reproduce_sinusoid(
         save_checkpoint(result, out / "checkpoints" / method, history=False)
     results["environment"]["total_wall_seconds"] = round(time.perf_counter() - start, 1)
     results["checks"] = run_checks(results, quick)
+    results["warnings"] = [
+        f"{m} diverged and was not evaluated: {r['diverged']}"
+        for m, r in results["methods"].items()
+        if "diverged" in r
+    ]
     if figures:
         results["figures"] = _figures(results, trained, out)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

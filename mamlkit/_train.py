@@ -229,6 +229,8 @@ def meta_train(
                 method, loss, theta, support, query, lr=lr, steps=steps, **method_kwargs
             )
         history[it] = losses.mean().item()
+        if not math.isfinite(history[it]):
+            raise FloatingPointError(f"{method} diverged: non-finite meta-loss at iteration {it}")
         theta, state = _adam_step(theta, grads, state, meta_lr)
         if bar is not None:
             bar.update(1)

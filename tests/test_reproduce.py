@@ -160,3 +160,20 @@ def test_cli_train_imaml_takes_its_settings(tmp_path):
     )
     config = load_checkpoint(ckpt).config
     assert config["method_kwargs"] == {"lam": 3.0, "cg_steps": 2} and config["steps"] == 5
+
+
+def test_a_diverging_method_is_reported_not_evaluated(tmp_path, monkeypatch):
+    monkeypatch.setitem(METHOD_SETTINGS, "fomaml", {"lr": 1e30, "steps": 1})
+    results = reproduce_sinusoid(
+        tmp_path,
+        quick=True,
+        iterations=5,
+        eval_tasks=10,
+        methods=["maml", "fomaml"],
+        progress=False,
+        figures=False,
+    )
+    assert "diverged" in results["methods"]["fomaml"] and "eval" not in results["methods"]["fomaml"]
+    assert "eval" in results["methods"]["maml"]
+    assert len(results["warnings"]) == 1 and results["warnings"][0].startswith("fomaml diverged")
+    assert "## Warnings" in (tmp_path / "results.md").read_text()

@@ -346,3 +346,10 @@ def test_evaluate_tasks_is_seeded_and_uses_the_family():
     torch.testing.assert_close(a.losses, direct.losses)
     with pytest.raises(ValueError, match="num_tasks"):
         evaluate_tasks(MSE, params, family, num_tasks=0, lr=0.01)
+
+
+def test_meta_train_stops_at_the_first_non_finite_meta_loss():
+    with pytest.raises(
+        FloatingPointError, match="fomaml diverged: non-finite meta-loss at iteration"
+    ):
+        meta_train("fomaml", MSE, tiny_params(), TINY_FAMILY, **(TINY | {"lr": 1e200}))
