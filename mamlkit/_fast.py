@@ -403,18 +403,16 @@ def _imaml(
     # curvature pᵀAp ≤ 0 or an exactly zero residual is a no-op (as mamlkit.imaml, cg_tol=0).
     r = p = torch.cat([g_l.flatten(1) for g_l in rhs], 1)  # (T, P)
     x = torch.zeros_like(r)
-    rs = (r * r).sum(1, keepdim=True)
-    zero, one = torch.zeros_like(rs), torch.ones_like(rs)
-    for _ in range(cg_steps):
+    rs = torch.linalg.vecdot(r, r).unsqueeze(1)
+    zero = torch.zeros_like(rs)
+    for _ in range(cg_steps):  # no autograd here: a 0/0 discarded by torch.where is harmless
         ap = apply_a(p)
-        curvature = (p * ap).sum(1, keepdim=True)
-        ok = curvature > 0
-        step = torch.where(ok, rs / torch.where(ok, curvature, one), zero)
+        curvature = torch.linalg.vecdot(p, ap).unsqueeze(1)
+        step = torch.where(curvature > 0, rs / curvature, zero)
         x = torch.addcmul(x, step, p)
         r = torch.addcmul(r, step, ap, value=-1.0)
-        rs_new = (r * r).sum(1, keepdim=True)
-        nonzero = rs > 0
-        p = torch.addcmul(r, torch.where(nonzero, rs_new / torch.where(nonzero, rs, one), zero), p)
+        rs_new = torch.linalg.vecdot(r, r).unsqueeze(1)
+        p = torch.addcmul(r, torch.where(rs > 0, rs_new / rs, zero), p)
         rs = rs_new
     mean = x.mean(0)
     return [part.view(s[1:]) for part, s in zip(mean.split(sizes), shapes)], losses

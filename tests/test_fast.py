@@ -391,3 +391,17 @@ def test_benchmark_implementations_compute_the_exact_meta_gradient():
     ]
     errors = bench.check_gradients(cases)
     assert len(errors) == len(cases) and max(errors.values()) < 1e-9
+
+
+def test_imaml_zero_right_hand_side_stays_finite():
+    """θ = 0 and y = 0: φ = θ, ∇L_q(φ) = 0, so CG meets pᵀAp = 0 and ‖r‖ = 0 at once; those
+    steps must be no-ops (zero gradient), not 0/0 = nan (as mamlkit.imaml with cg_tol=0)."""
+    loss = make_mse_loss(mlp)
+    params = {k: torch.zeros_like(v) for k, v in init_mlp((1, 4, 1), dtype=F64).items()}
+    x = torch.linspace(-1, 1, N_TASKS * 5, dtype=F64).reshape(N_TASKS, 5, 1)
+    batch = (x, torch.zeros_like(x))
+    grads, losses = fast_meta_batch_grad("imaml", loss, params, batch, batch, lr=0.1, steps=2)
+    ref, _ = meta_batch_grad("imaml", loss, params, batch, batch, lr=0.1, steps=2)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads.values())
+    _assert_tree_close(grads, ref)
+    assert torch.equal(losses, torch.zeros(N_TASKS, dtype=F64))
