@@ -53,14 +53,26 @@ from mamlkit._fast import fast_adam_step, fast_meta_batch_grad
 SIZES = (1, 40, 40, 1)
 TASKS, K, ALPHA, META_LR, SEED = 25, 10, 0.01, 1e-3, 0
 NAMES = ("w0", "b0", "w1", "b1", "w2", "b2")
-# setting -> (method, inner lr, steps, extra): MAML/FOMAML as the paper, Reptile and iMAML as
-# mamlkit's reproduction protocol (mamlkit/_reproduce.py), "joint" = the pretrained baseline.
+# setting -> (method, inner lr, steps, extra): MAML/FOMAML as the paper; Reptile and iMAML with
+# the inner settings of mamlkit's reproduction protocol (mamlkit._reproduce.METHOD_SETTINGS, read
+# at import when it exists); "joint" = the pretrained baseline's gradient (all 2K points, at θ).
+try:
+    from mamlkit._reproduce import METHOD_SETTINGS as _PROTOCOL
+except ImportError:  # pragma: no cover - older trees
+    _PROTOCOL = {}
+_REPTILE = {"lr": 0.02, "steps": 5, **_PROTOCOL.get("reptile", {})}
+_IMAML = {"lr": 0.01, "steps": 5, "lam": 10.0, "cg_steps": 5, **_PROTOCOL.get("imaml", {})}
 SETTINGS: dict[str, tuple[str, float, int, dict[str, Any]]] = {
     "maml k=1": ("maml", ALPHA, 1, {}),
     "fomaml k=1": ("fomaml", ALPHA, 1, {}),
     "maml k=5": ("maml", ALPHA, 5, {}),
-    "reptile k=5": ("reptile", 0.02, 5, {}),
-    "imaml k=5": ("imaml", 0.02, 5, {"lam": 10.0, "cg_steps": 5}),
+    f"reptile k={_REPTILE['steps']}": ("reptile", _REPTILE["lr"], _REPTILE["steps"], {}),
+    f"imaml k={_IMAML['steps']}": (
+        "imaml",
+        _IMAML["lr"],
+        _IMAML["steps"],
+        {"lam": _IMAML["lam"], "cg_steps": _IMAML["cg_steps"]},
+    ),
     "joint": ("joint", ALPHA, 0, {}),
 }
 PEER_SETTINGS = ("maml k=1", "fomaml k=1", "maml k=5")
@@ -463,7 +475,7 @@ def memory_sweep(ks: list[int]) -> dict[str, dict[int, int]]:
         ),
         "fomaml_grad": lambda k: mamlkit.fomaml_grad(loss, params, s, q, lr=ALPHA, steps=k),
         "imaml_grad (λ=10, 5 CG)": lambda k: mamlkit.imaml_grad(
-            loss, params, s, q, lam=10.0, lr=0.02, steps=k, cg_steps=5
+            loss, params, s, q, lam=10.0, lr=_IMAML["lr"], steps=k, cg_steps=5
         ),
         "fast path maml, all 25 tasks": lambda k: fast_meta_batch_grad(
             "maml", loss, params, support, query, lr=ALPHA, steps=k
@@ -527,7 +539,7 @@ def summarize(times, cases, settings) -> dict[str, Any]:
             out["ratios"][f"2nd/1st order, {impl}"] = _per_round_ratio(
                 times[(impl, "maml k=1")], times[(impl, "fomaml k=1")]
             )
-    protocol = ("maml k=1", "fomaml k=1", "reptile k=5", "imaml k=5", "joint")
+    protocol = [s for s in settings if s != "maml k=5"]  # the five methods of the protocol
     if all(s in fast for s in protocol):
         ms = sum(statistics.median(fast[s]) for s in protocol)
         out["protocol_minutes"] = ms * 70_000 / 1e3 / 60
