@@ -52,9 +52,19 @@ def unrolled(loss: Expr, params: Symbols, alpha: Expr, steps: int) -> list[sp.Ma
     grad = gradient(loss, params)
     path = [sp.Matrix(params)]
     for _ in range(steps):
-        at_current = dict(zip(params, path[-1]))
-        path.append(path[-1] - alpha * grad.subs(at_current, simultaneous=True))
+        path.append(path[-1] - alpha * _evaluate_at(grad, params, path[-1]))
     return path
+
+
+def _evaluate_at(expr: sp.Matrix, params: Symbols, point: sp.Matrix) -> sp.Matrix:
+    """``expr`` with every parameter replaced by the matching entry of ``point``, at once.
+
+    Two stages through fresh dummies: ``subs(..., simultaneous=True)`` is not simultaneous
+    inside unevaluated derivatives of an undefined function ``L(θ1, θ2)``.
+    """
+    dummies = [sp.Dummy() for _ in params]
+    staged = expr.subs(dict(zip(params, dummies)))
+    return staged.subs(dict(zip(dummies, point)))
 
 
 def unrolled_jacobian(loss: Expr, params: Symbols, alpha: Expr, steps: int) -> sp.Matrix:
@@ -75,7 +85,7 @@ def jacobian_product(
     eye = sp.eye(len(params))
     product = eye
     for theta_j in path[:-1]:
-        factor = eye - alpha * hess.subs(dict(zip(params, theta_j)), simultaneous=True)
+        factor = eye - alpha * _evaluate_at(hess, params, theta_j)
         product = product * factor if reverse else factor * product
     return product
 

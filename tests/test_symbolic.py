@@ -333,3 +333,27 @@ def test_residual_and_is_zero() -> None:
     assert S.is_zero(S.residual(sp.Matrix([T1 * (T1 + 1)]), sp.Matrix([T1**2 + T1])))
     assert not S.is_zero(S.residual(sp.Matrix([T1, 0]), sp.Matrix([0, 0])))
     assert not S.is_zero(T1)
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+def test_unrolled_generic_function_matches_explicit_loss(steps: int) -> None:
+    """Iterates of a generic L(θ1, θ2), with L replaced afterwards, equal the explicit ones.
+
+    Regression: ``subs(simultaneous=True)`` is not simultaneous inside unevaluated derivatives.
+    """
+    t1, t2 = sp.symbols("theta1 theta2")
+    alpha = sp.Rational(1, 10)
+    explicit = t1**4 / 4 + t1**2 * t2 + sp.cos(t2)
+    generic = sp.Function("L")(t1, t2)
+    point = {t1: sp.Rational(1, 3), t2: sp.Rational(-1, 2)}
+
+    def at_point(matrix: sp.Matrix) -> sp.Matrix:
+        replaced = matrix.replace(sp.Function("L"), sp.Lambda((t1, t2), explicit)).doit()
+        return replaced.subs(point).evalf(30)
+
+    via_generic = S.unrolled(generic, [t1, t2], alpha, steps)[-1]
+    via_explicit = S.unrolled(explicit, [t1, t2], alpha, steps)[-1].subs(point).evalf(30)
+    assert (at_point(via_generic) - via_explicit).norm() < 1e-25
+    product_generic = S.jacobian_product(generic, [t1, t2], alpha, steps)
+    product_explicit = S.jacobian_product(explicit, [t1, t2], alpha, steps).subs(point).evalf(30)
+    assert (at_point(product_generic) - product_explicit).norm() < 1e-25
