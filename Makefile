@@ -39,6 +39,16 @@ notebooks: install
 verify: install
 	$(BIN)/python -m mamlkit verify
 
+## bench: mamlkit's training path side by side with the MAML libraries (writes benchmarks/results/)
+bench: install
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
+	$(BIN)/python benchmarks/bench_meta.py
+	$(BIN)/python benchmarks/bench_threads.py
+
+## reproduce: the MAML paper's sinusoid experiment, all methods (writes results/sinusoid/)
+reproduce: install
+	$(BIN)/python -m mamlkit reproduce sinusoid
+
 lint: install
 	$(BIN)/ruff check mamlkit tests benchmarks
 

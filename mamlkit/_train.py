@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.func import grad_and_value, vmap
+from torch.func import vmap
 
 from ._checks import (
     check_lr,
@@ -35,8 +35,9 @@ from ._checks import (
     check_steps,
     checked_loss,
 )
+from ._fast import fast_adam_step
 from ._metabatch import METHODS, _query_loss_task, meta_batch_grad
-from ._params import Batch, LossFn, Params, tree_detach
+from ._params import LossFn, Params, tree_detach
 
 TRAIN_METHODS: tuple[str, ...] = (*METHODS, "pretrained")
 ADAM_BETAS = (0.9, 0.999)
@@ -59,29 +60,6 @@ class TrainResult(NamedTuple):
     params: Params
     history: Tensor
     config: dict[str, Any]
-
-
-def _adam_step(
-    params: Params, grads: Params, state: dict[str, Any], lr: float
-) -> tuple[Params, dict[str, Any]]:
-    """One Adam step on dicts (the ``torch.optim.Adam`` update, bias-corrected)."""
-    beta1, beta2 = ADAM_BETAS
-    t = state["t"] + 1
-    m = {k: beta1 * state["m"][k] + (1 - beta1) * grads[k] for k in params}
-    v = {k: beta2 * state["v"][k] + (1 - beta2) * grads[k].square() for k in params}
-    c1, c2 = 1 - beta1**t, 1 - beta2**t
-    new = {k: params[k] - lr * (m[k] / c1) / ((v[k] / c2).sqrt() + ADAM_EPS) for k in params}
-    return new, {"t": t, "m": m, "v": v}
-
-
-def _joint_task(loss: LossFn):
-    """Plain regression on all of a task's points (support and query together)."""
-
-    def task(theta: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
-        both = (torch.cat([support[0], query[0]]), torch.cat([support[1], query[1]]))
-        return grad_and_value(loss)(theta, both)
-
-    return task
 
 
 def _describe(obj: object) -> Any:
@@ -208,7 +186,6 @@ def meta_train(
         "v": {k: torch.zeros_like(v) for k, v in theta.items()},
     }
     history = torch.empty(iterations, dtype=torch.float64)
-    joint = vmap(_joint_task(loss), in_dims=(None, 0, 0))
     query_loss = vmap(_query_loss_task(loss, lr, steps), in_dims=(None, 0, 0))
 
     bar = None
@@ -220,9 +197,9 @@ def meta_train(
         tasks = sample_tasks(meta_batch_size, generator=generator, dtype=dtype)
         support = tuple(t.to(dtype) for t in tasks.support)
         query = tuple(t.to(dtype) for t in tasks.query)
-        if method == "pretrained":
-            grads, _ = joint(theta, support, query)
-            grads = {k: g.mean(0) for k, g in tree_detach(grads).items()}
+        if method == "pretrained":  # plain regression on all of each task's points
+            both = (torch.cat([support[0], query[0]], 1), torch.cat([support[1], query[1]], 1))
+            grads, _ = meta_batch_grad("fomaml", loss, theta, support, both, lr=lr, steps=0)
             losses = query_loss(theta, support, query)
         else:
             grads, losses = meta_batch_grad(
@@ -231,7 +208,7 @@ def meta_train(
         history[it] = losses.mean().item()
         if not math.isfinite(history[it]):
             raise FloatingPointError(f"{method} diverged: non-finite meta-loss at iteration {it}")
-        theta, state = _adam_step(theta, grads, state, meta_lr)
+        theta, state = fast_adam_step(theta, grads, state, meta_lr, betas=ADAM_BETAS, eps=ADAM_EPS)
         if bar is not None:
             bar.update(1)
             if (it + 1) % log_every == 0:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import mamlkit
 from mamlkit import (
     SinusoidFamily,
     TrainResult,
@@ -30,7 +31,7 @@ from mamlkit import (
     sample_sinusoid_tasks,
     save_checkpoint,
 )
-from mamlkit._train import _adam_step
+from mamlkit._fast import fast_adam_step
 
 F64 = torch.float64
 MSE = make_mse_loss(mlp)
@@ -180,7 +181,7 @@ def test_meta_batch_grad_bad_inputs(change, error, match):
 # --- Adam ------------------------------------------------------------------------------------
 
 
-def test_functional_adam_matches_torch_optim_adam():
+def test_training_adam_matches_torch_optim_adam():
     p0 = {"w": torch.tensor([1.0, -2.0, 0.5], dtype=F64), "b": torch.tensor(0.3, dtype=F64)}
     leaves = {k: v.clone().requires_grad_(True) for k, v in p0.items()}
     opt = torch.optim.Adam(leaves.values(), lr=0.05)
@@ -200,7 +201,7 @@ def test_functional_adam_matches_torch_optim_adam():
         for k, leaf in leaves.items():
             leaf.grad = g[k].clone()
         opt.step()
-        params, state = _adam_step(params, g, state, 0.05)
+        params, state = fast_adam_step(params, g, state, 0.05)
     for k in p0:
         torch.testing.assert_close(params[k], leaves[k].detach(), rtol=1e-12, atol=1e-14)
 
@@ -353,3 +354,21 @@ def test_meta_train_stops_at_the_first_non_finite_meta_loss():
         FloatingPointError, match="fomaml diverged: non-finite meta-loss at iteration"
     ):
         meta_train("fomaml", MSE, tiny_params(), TINY_FAMILY, **(TINY | {"lr": 1e200}))
+
+
+def test_meta_batch_grad_takes_the_fast_path_for_the_builtin_mlp(monkeypatch):
+    """make_mse_loss(mlp) is routed to mamlkit._fast; any other loss to the vmap path."""
+    import mamlkit._metabatch as metabatch
+
+    calls = []
+    real = metabatch.fast_meta_batch_grad
+    monkeypatch.setattr(
+        metabatch, "fast_meta_batch_grad", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    params = mamlkit.init_mlp((1, 4, 1), seed=0)
+    xs, ys = torch.zeros(2, 3, 1), torch.zeros(2, 3, 1)
+    meta_batch_grad("maml", mamlkit.make_mse_loss(mamlkit.mlp), params, (xs, ys), (xs, ys), lr=0.1)
+    assert calls == [1]
+    other = mamlkit.make_mse_loss(lambda p, x: mamlkit.mlp(p, x))
+    meta_batch_grad("maml", other, params, (xs, ys), (xs, ys), lr=0.1)
+    assert calls == [1]
