@@ -34,7 +34,7 @@ def _train(args: argparse.Namespace) -> int:
     result = meta_train(
         args.method,
         make_mse_loss(mlp),
-        init_mlp(tuple(args.sizes), seed=args.seed),
+        init_mlp(tuple(args.sizes), seed=args.seed, device=args.device),
         SinusoidFamily(k_support=args.k),
         meta_batch_size=args.meta_batch_size,
         iterations=args.iterations,
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cg-steps", type=int, default=None, help="iMAML's CG iterations")
     train.add_argument("--sizes", type=int, nargs="+", default=[1, 40, 40, 1])
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(run=_train)
 

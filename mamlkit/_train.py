@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.func import vmap
 
 from ._checks import (
     check_lr,
@@ -36,7 +35,7 @@ from ._checks import (
     checked_loss,
 )
 from ._fast import fast_adam_step
-from ._metabatch import METHODS, _query_loss_task, meta_batch_grad
+from ._metabatch import METHODS, meta_batch_grad
 from ._params import LossFn, Params, tree_detach
 
 TRAIN_METHODS: tuple[str, ...] = (*METHODS, "pretrained")
@@ -148,7 +147,7 @@ def meta_train(
     """
     if method not in TRAIN_METHODS:
         raise ValueError(f"method must be one of {TRAIN_METHODS}, got {method!r}")
-    loss = checked_loss(loss_fn)
+    checked_loss(loss_fn)  # callable check; the loss itself is checked by meta_batch_grad
     theta = {k: v.detach().clone() for k, v in check_params(params).items()}
     if not callable(sample_tasks):
         raise TypeError(f"sample_tasks must be callable, got {type(sample_tasks).__name__}")
@@ -179,6 +178,7 @@ def meta_train(
         "dtype": str(next(iter(theta.values())).dtype).removeprefix("torch."),
     }
     dtype = next(iter(theta.values())).dtype
+    device = next(iter(theta.values())).device
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, Any] = {
         "t": 0,
@@ -186,7 +186,6 @@ def meta_train(
         "v": {k: torch.zeros_like(v) for k, v in theta.items()},
     }
     history = torch.empty(iterations, dtype=torch.float64)
-    query_loss = vmap(_query_loss_task(loss, lr, steps), in_dims=(None, 0, 0))
 
     bar = None
     if progress:
@@ -195,15 +194,16 @@ def meta_train(
         bar = tqdm(total=iterations, desc=method, leave=False)
     for it in range(iterations):
         tasks = sample_tasks(meta_batch_size, generator=generator, dtype=dtype)
-        support = tuple(t.to(dtype) for t in tasks.support)
-        query = tuple(t.to(dtype) for t in tasks.query)
+        # tasks are drawn on the CPU (one seeded generator) and sent to the parameters' device
+        support = tuple(t.to(device=device, dtype=dtype) for t in tasks.support)
+        query = tuple(t.to(device=device, dtype=dtype) for t in tasks.query)
         if method == "pretrained":  # plain regression on all of each task's points
             both = (torch.cat([support[0], query[0]], 1), torch.cat([support[1], query[1]], 1))
-            grads, _ = meta_batch_grad("fomaml", loss, theta, support, both, lr=lr, steps=0)
-            losses = query_loss(theta, support, query)
+            grads, _ = meta_batch_grad("fomaml", loss_fn, theta, support, both, lr=lr, steps=0)
+            _, losses = meta_batch_grad("fomaml", loss_fn, theta, support, query, lr=lr, steps=steps)
         else:
             grads, losses = meta_batch_grad(
-                method, loss, theta, support, query, lr=lr, steps=steps, **method_kwargs
+                method, loss_fn, theta, support, query, lr=lr, steps=steps, **method_kwargs
             )
         history[it] = losses.mean().item()
         if not math.isfinite(history[it]):
