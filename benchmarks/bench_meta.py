@@ -494,6 +494,15 @@ def _slope(points: dict[int, int]) -> float:
 # ----------------------------------------------------------------------------------- report
 
 
+def is_busy(*load_averages: float) -> bool:
+    """True when something besides this benchmark loaded the machine.
+
+    The benchmark keeps about one core busy itself, so the 1-minute load average of a quiet
+    machine sits near 1; more than ``cpus − 0.5`` means other work shared the cores.
+    """
+    return max(load_averages) > (os.cpu_count() or 1) - 0.5
+
+
 def environment(threads: int) -> dict[str, Any]:
     info = torch.__config__.parallel_info().splitlines()
     return {
@@ -737,8 +746,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python benchmarks/bench_meta.py " + " ".join(argv if argv else sys.argv[1:]),
         "quick": args.quick,
-        "preliminary": args.quick
-        or max(env["loadavg_start"][0], load_end[0]) > 0.5 * (os.cpu_count() or 1),
+        "preliminary": args.quick or is_busy(env["loadavg_start"][0], load_end[0]),
         "rounds": rounds,
         "warmup": warmup,
         "environment": env,

@@ -26,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_meta import is_busy
+
 SETTINGS = [(1, None), (1, "PASSIVE"), (2, None), (2, "PASSIVE")]
 REFERENCE = (1, "PASSIVE")
 
@@ -127,13 +130,21 @@ def main(argv: list[str] | None = None) -> dict:
         "quick": args.quick,
         "rows": rows,
     }
-    busy = max(load_start[0], result["loadavg_end"][0]) > 0.5 * (os.cpu_count() or 1)
-    lines = [f"# Thread settings: fast path, {args.setting} (gradient + Adam), sinusoid", ""]
-    if args.quick or busy:
+    write_report(result, args.out)
+    return result
+
+
+def write_report(result: dict, out_dir: Path) -> None:
+    """threads.json and threads.md from one run's ``result``."""
+    load_start, rows, rounds = result["loadavg_start"], result["rows"], result["rounds"]
+    reps = result["iterations_per_block"]
+    busy = is_busy(load_start[0], result["loadavg_end"][0])
+    lines = [f"# Thread settings: fast path, {result['setting']} (gradient + Adam), sinusoid", ""]
+    if result["quick"] or busy:
         lines += [
-            f"> **PRELIMINARY** — {'a --quick smoke run' if args.quick else 'a run'}"
+            f"> **PRELIMINARY** — {'a --quick smoke run' if result['quick'] else 'a run'}"
             f"{' on a busy machine' if busy else ''} (load average {load_start[0]:.1f} → "
-            f"{result['loadavg_end'][0]:.1f} on {os.cpu_count()} CPUs). Re-run on a quiet machine.",
+            f"{result['loadavg_end'][0]:.1f} on {result['cpu_count']} CPUs). Re-run on a quiet machine.",
             "",
         ]
     lines += [
@@ -148,11 +159,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {label} | {r['median_ms']:.3f} | {r['q25_ms']:.3f}–{r['q75_ms']:.3f} | "
             f"{r['max_ms']:.1f} | {r['ratio_to_1_thread_passive']:.2f} |"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "threads.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "threads.md").write_text("\n".join(lines) + "\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "threads.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "threads.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return result
 
 
 if __name__ == "__main__":

@@ -31,18 +31,25 @@ def check_params(params: object, name: str = "params") -> Params:
     return dict(params)
 
 
-def check_batch(batch: object, name: str) -> Batch:
-    """Check ``batch = (x, y)``: two tensors with the same number of rows (dim 0).
-
-    A y with a different number of rows, e.g. shape (1,) against x of shape (N, 1), would
-    broadcast silently inside a loss; it is refused here.
-    """
+def check_pair(batch: object, name: str) -> Batch:
+    """Check that ``batch`` is a pair ``(x, y)`` of tensors (nothing about shapes)."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(f"{name} must be a pair (x, y) of tensors, got {type(batch).__name__}")
     x, y = batch
     for part, value in (("x", x), ("y", y)):
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} {part} must be a Tensor, got {type(value).__name__}")
+    return x, y
+
+
+def check_batch(batch: object, name: str) -> Batch:
+    """Check ``batch = (x, y)``: two tensors with the same number of rows (dim 0).
+
+    A y with a different number of rows, e.g. shape (1,) against x of shape (N, 1), would
+    broadcast silently inside a loss; it is refused here.
+    """
+    x, y = check_pair(batch, name)
+    for part, value in (("x", x), ("y", y)):
         if value.ndim == 0:
             raise ValueError(f"{name} {part} must have a leading batch dimension, got a 0-d tensor")
     if x.shape[0] != y.shape[0]:
@@ -51,6 +58,37 @@ def check_batch(batch: object, name: str) -> Batch:
             f"and y {tuple(y.shape)}"
         )
     return x, y
+
+
+def check_task_batches(support: object, query: object) -> tuple[Batch, Batch]:
+    """Check a meta-batch: ``support`` and ``query`` are pairs ``(x, y)`` whose tensors have a
+    leading task dimension and a points dimension, ``x.shape[:2] == y.shape[:2]``, and the two
+    hold the same number of tasks."""
+    batches = []
+    for name, batch in (("support", support), ("query", query)):
+        x, y = check_pair(batch, name)
+        for part, value in (("x", x), ("y", y)):
+            if value.ndim < 2:
+                raise ValueError(
+                    f"{name} {part} must have shape (tasks, points, ...), got {tuple(value.shape)}"
+                )
+        if x.shape[:2] != y.shape[:2]:
+            raise ValueError(
+                f"{name} x and y must agree in (tasks, points), got x {tuple(x.shape)} "
+                f"and y {tuple(y.shape)}"
+            )
+        batches.append((x, y))
+    check_same_tasks(*batches)
+    return batches[0], batches[1]
+
+
+def check_same_tasks(support: Batch, query: Batch) -> None:
+    """``support`` and ``query`` hold the same number of tasks (dim 0)."""
+    if support[0].shape[0] != query[0].shape[0]:
+        raise ValueError(
+            f"support and query must hold the same number of tasks, got {support[0].shape[0]} "
+            f"and {query[0].shape[0]}"
+        )
 
 
 def check_lr(lr: object, name: str = "lr") -> float:
@@ -120,9 +158,12 @@ __all__ = [
     "check_batch",
     "check_like",
     "check_lr",
+    "check_pair",
     "check_params",
     "check_positive",
     "check_positive_int",
+    "check_same_tasks",
     "check_steps",
+    "check_task_batches",
     "checked_loss",
 ]

@@ -20,8 +20,14 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from ._checks import check_lr, check_params, check_positive_int, check_steps, checked_loss
-from ._metabatch import _check_task_batch
+from ._checks import (
+    check_lr,
+    check_params,
+    check_positive_int,
+    check_steps,
+    check_task_batches,
+    checked_loss,
+)
 from ._params import Batch, LossFn, Params, tree_detach
 
 Z95 = 1.96
@@ -98,13 +104,7 @@ def evaluate(
     """
     loss = checked_loss(loss_fn)
     params = tree_detach(check_params(params))
-    support = _check_task_batch(support, "support")
-    query = _check_task_batch(query, "query")
-    if support[0].shape[0] != query[0].shape[0]:
-        raise ValueError(
-            f"support and query must hold the same number of tasks, got {support[0].shape[0]} "
-            f"and {query[0].shape[0]}"
-        )
+    support, query = check_task_batches(support, query)
     lr, steps = check_lr(lr), check_steps(steps)
     with torch.no_grad():
         losses = vmap(_finetune_curve(loss, lr, steps), in_dims=(None, 0, 0))(

@@ -35,7 +35,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._checks import check_lr, check_params, check_positive, check_positive_int, check_steps
+from ._checks import (
+    check_lr,
+    check_pair,
+    check_params,
+    check_positive,
+    check_positive_int,
+    check_same_tasks,
+    check_steps,
+)
 from ._models import MSELoss, mlp
 from ._params import Batch, Params
 
@@ -425,12 +433,8 @@ def _imaml(
 
 def _check_meta_batch(batch: object, name: str, fan_in: int, fan_out: int, like: Tensor) -> Batch:
     """``(x, y)``: x (T, N, …, in), y = x.shape[:-1] + (out,); returned as (T, M, in), (T, M, out)."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"{name} must be a pair (x, y) of tensors, got {type(batch).__name__}")
-    x, y = batch
+    x, y = check_pair(batch, name)
     for part, value in (("x", x), ("y", y)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} {part} must be a Tensor, got {type(value).__name__}")
         if value.dtype != like.dtype:
             raise TypeError(
                 f"{name} {part} must have the dtype of params ({like.dtype}), got {value.dtype}"
@@ -529,11 +533,7 @@ def fast_meta_batch_grad(
     fan_in, fan_out = first.shape[1], last.shape[0]
     support = _check_meta_batch(support, "support", fan_in, fan_out, first)
     query = _check_meta_batch(query, "query", fan_in, fan_out, first)
-    if support[0].shape[0] != query[0].shape[0]:
-        raise ValueError(
-            f"support and query must hold the same number of tasks, got {support[0].shape[0]} "
-            f"and {query[0].shape[0]}"
-        )
+    check_same_tasks(support, query)
     lr, steps = check_lr(lr), check_steps(steps)
     if method in ("reptile", "imaml"):
         steps = check_positive_int(steps, "steps")

@@ -26,6 +26,7 @@ from ._checks import (
     check_positive,
     check_positive_int,
     check_steps,
+    check_task_batches,
     checked_loss,
 )
 from ._estimators import imaml, reptile_grad
@@ -35,26 +36,6 @@ from ._params import Batch, LossFn, Params, tree_detach
 
 Method = Literal["maml", "fomaml", "reptile", "imaml"]
 METHODS: tuple[str, ...] = ("maml", "fomaml", "reptile", "imaml")
-
-
-def _check_task_batch(batch: object, name: str) -> Batch:
-    """``(x, y)`` with a common leading task dimension T (both at least 2-d)."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"{name} must be a pair (x, y) of tensors, got {type(batch).__name__}")
-    x, y = batch
-    for part, value in (("x", x), ("y", y)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} {part} must be a Tensor, got {type(value).__name__}")
-        if value.ndim < 2:
-            raise ValueError(
-                f"{name} {part} must have shape (tasks, points, ...), got {tuple(value.shape)}"
-            )
-    if x.shape[:2] != y.shape[:2]:
-        raise ValueError(
-            f"{name} x and y must agree in (tasks, points), got x {tuple(x.shape)} "
-            f"and y {tuple(y.shape)}"
-        )
-    return x, y
 
 
 def _maml_task(loss: LossFn, lr: float, steps: int):
@@ -90,16 +71,6 @@ def _imaml_task(loss: LossFn, lr: float, steps: int, lam: float, cg_steps: int):
             loss, theta, support, query, lam=lam, lr=lr, steps=steps, cg_steps=cg_steps, cg_tol=0.0
         )
         return result.grad, loss(result.phi, query)
-
-    return task
-
-
-def _query_loss_task(loss: LossFn, lr: float, steps: int):
-    """``L_q(θ_k)`` after k plain SGD steps on the support set: the shared progress measure."""
-
-    def task(theta: Params, support: Batch, query: Batch) -> Tensor:
-        theta_k = _adapt(loss, theta, support, lr, steps, first_order=True)
-        return loss(tree_detach(theta_k), query)
 
     return task
 
@@ -164,13 +135,7 @@ def meta_batch_grad(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     loss = checked_loss(loss_fn)
     params = tree_detach(check_params(params))
-    support = _check_task_batch(support, "support")
-    query = _check_task_batch(query, "query")
-    if support[0].shape[0] != query[0].shape[0]:
-        raise ValueError(
-            f"support and query must hold the same number of tasks, got {support[0].shape[0]} "
-            f"and {query[0].shape[0]}"
-        )
+    support, query = check_task_batches(support, query)
     lr, steps = check_lr(lr), check_steps(steps)
     if supports_fast_path(loss_fn, params):
         return fast_meta_batch_grad(
