@@ -73,6 +73,20 @@ def _describe(obj: object) -> Any:
     return getattr(obj, "__qualname__", None) or type(obj).__name__
 
 
+def _clip_global_norm(grads: Params, max_norm: float) -> Params:
+    r"""``g·min(1, c/(‖g‖ + 10⁻⁶))`` with ‖g‖ the L2 norm over every tensor of the dict (new tensors).
+
+    Example:
+        >>> _clip_global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, 1.0)
+        {'a': tensor([0.6000]), 'b': tensor([0.8000])}
+    """
+    norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])
+    )
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # 1e-6 as clip_grad_norm_
+    return {k: g * scale.to(g.dtype) for k, g in grads.items()}
+
+
 def _check_method_kwargs(method: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     allowed = _METHOD_KWARGS.get(method, ())
     unknown = sorted(set(kwargs) - set(allowed))
@@ -102,6 +116,7 @@ def meta_train(
     seed: int,
     progress: bool = True,
     log_every: int = 100,
+    max_grad_norm: float | None = None,
     **method_kwargs: Any,
 ) -> TrainResult:
     r"""Train θ with ``method`` and Adam; deterministic for a given ``seed``.
@@ -132,6 +147,9 @@ def meta_train(
         seed: seeds the task generator.
         progress: show a tqdm bar (imported only when used).
         log_every: how often (iterations) the bar shows the running mean meta-loss.
+        max_grad_norm: off (``None``, the default) or a bound c > 0 on the global L2 norm of
+            the meta-gradient before the Adam step: ``g ← g·min(1, c/(‖g‖ + 10⁻⁶))`` (norm over all
+            parameters together, as ``torch.nn.utils.clip_grad_norm_``). Recorded in ``config``.
         **method_kwargs: ``lam``, ``cg_steps`` for ``"imaml"``; anything else raises.
 
     Returns:
@@ -161,6 +179,8 @@ def meta_train(
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
     method_kwargs = _check_method_kwargs(method, method_kwargs)
+    if max_grad_norm is not None:
+        max_grad_norm = check_positive(max_grad_norm, "max_grad_norm")
 
     config: dict[str, Any] = {
         "method": method,
@@ -171,6 +191,7 @@ def meta_train(
         "steps": steps,
         "seed": seed,
         "method_kwargs": method_kwargs,
+        "max_grad_norm": max_grad_norm,
         "optimizer": {"name": "adam", "betas": list(ADAM_BETAS), "eps": ADAM_EPS},
         "loss": _describe(loss_fn),
         "tasks": _describe(sample_tasks),
@@ -200,7 +221,9 @@ def meta_train(
         if method == "pretrained":  # plain regression on all of each task's points
             both = (torch.cat([support[0], query[0]], 1), torch.cat([support[1], query[1]], 1))
             grads, _ = meta_batch_grad("fomaml", loss_fn, theta, support, both, lr=lr, steps=0)
-            _, losses = meta_batch_grad("fomaml", loss_fn, theta, support, query, lr=lr, steps=steps)
+            _, losses = meta_batch_grad(
+                "fomaml", loss_fn, theta, support, query, lr=lr, steps=steps
+            )
         else:
             grads, losses = meta_batch_grad(
                 method, loss_fn, theta, support, query, lr=lr, steps=steps, **method_kwargs
@@ -208,6 +231,8 @@ def meta_train(
         history[it] = losses.mean().item()
         if not math.isfinite(history[it]):
             raise FloatingPointError(f"{method} diverged: non-finite meta-loss at iteration {it}")
+        if max_grad_norm is not None:
+            grads = _clip_global_norm(grads, max_grad_norm)
         theta, state = fast_adam_step(theta, grads, state, meta_lr, betas=ADAM_BETAS, eps=ADAM_EPS)
         if bar is not None:
             bar.update(1)

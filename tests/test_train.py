@@ -137,6 +137,33 @@ def test_meta_batch_grad_is_the_mean_not_the_sum():
         torch.testing.assert_close(one[k], three[k])
 
 
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])
+def test_meta_train_max_grad_norm_is_torch_clip_grad_norm_then_adam(max_norm):
+    """Reference: meta_batch_grad, torch.nn.utils.clip_grad_norm_ and torch.optim.Adam."""
+    params, family = tiny_params(), SinusoidFamily(k_support=5)
+    run = meta_train(
+        "maml", MSE, params, family, **(TINY | {"iterations": 3}), max_grad_norm=max_norm
+    )
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = torch.optim.Adam(leaves.values(), lr=TINY["meta_lr"])
+    gen, norms = torch.Generator().manual_seed(TINY["seed"]), []
+    for _ in range(3):
+        tasks = family(5, generator=gen, dtype=F64)
+        theta = {k: v.detach() for k, v in leaves.items()}
+        g, _ = meta_batch_grad("maml", MSE, theta, tasks.support, tasks.query, lr=0.01, steps=1)
+        for k, leaf in leaves.items():
+            leaf.grad = g[k].clone()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(list(leaves.values()), max_norm)))
+        opt.step()
+    assert (min(norms) > max_norm) if max_norm < 1 else (max(norms) < max_norm)  # active / not
+    for k in params:
+        torch.testing.assert_close(run.params[k], leaves[k].detach(), rtol=1e-10, atol=1e-12)
+    assert run.config["max_grad_norm"] == max_norm
+    plain = meta_train("maml", MSE, params, family, **(TINY | {"iterations": 3}))
+    same = all(torch.equal(run.params[k], plain.params[k]) for k in params)
+    assert same == (max_norm > 1) and plain.config["max_grad_norm"] is None
+
+
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
@@ -281,6 +308,8 @@ def test_meta_train_first_iterate_is_one_adam_step_of_meta_batch_grad():
         ({"lam": 1.0}, TypeError, "takes no keyword"),
         ({"method": "imaml", "lam": -1.0}, ValueError, "lam must be > 0"),
         ({"sample_tasks": 3}, TypeError, "sample_tasks must be callable"),
+        ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm must be > 0"),
+        ({"max_grad_norm": "1"}, TypeError, "max_grad_norm"),
     ],
 )
 def test_meta_train_bad_inputs(change, error, match):
