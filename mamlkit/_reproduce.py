@@ -15,24 +15,46 @@ reptile    five SGD steps of 0.02 on the support set: the inner step size and nu
            the sine-wave demo that accompanies Reptile (Nichol et al. 2018; 5 minibatch steps of
            0.02); one step would make Reptile plain joint training
 imaml      proximal inner problem ``L_s(φ) + λ/2‖φ − θ‖²`` with λ = 10, approximated by 5
-           gradient steps of 0.01, and 5 conjugate-gradient iterations; 1/λ = 0.1 = 10α lets
-           φ move about as far as the 10 evaluation steps of α = 0.01. Inner steps of 0.02
-           diverged within 500 iterations. iMAML is fragile here: its gradient
-           ``(I + H_s/λ)⁻¹∇L_q(φ)`` damps the sharp directions of H_s instead of penalising
-           them (MAML's ``(I − αH_s)`` flips the sign of those with h > 1/α), so the support
-           curvature can grow until a gradient-descent inner loop diverges. Measured (seed 0):
-           this setting diverges at iteration 1 397; λ = 25 (10 steps of 0.005), λ = 50 (5 of
-           0.01) and λ = 100 (5 of 0.005) at 1 121, 637 and 1 934; at the λ = 25 failure one
-           task's support Hessian had eigenvalues from −44 to 1.6·10³ (negative curvature also
-           makes ``I + H/λ`` indefinite for small λ). A diverged method is reported, not
-           evaluated.
+           gradient steps of 0.01, and 5 conjugate-gradient iterations (1/λ = 0.1 = 10α lets φ
+           move about as far as the 10 evaluation steps of α = 0.01). No setting we tried
+           gives a usable model on this problem, for a structural reason. Along an eigenvector
+           of H_s with eigenvalue h its gradient ``(I + H_s/λ)⁻¹∇L_q(φ)`` scales the query
+           gradient by λ/(λ + h) ∈ (0, 1], never negative, so nothing in it resists the support
+           curvature growing; MAML's factor 1 − αh turns negative for h > 1/α and pushes back.
+           Measured (``results/sinusoid/imaml_diagnosis/``: seed 0, the largest eigenvalue
+           h_max of H_s over each meta-batch by power iteration): h_max(θ) grows from 36 at
+           initialisation to 1.1·10³ by iteration 900 (λ = 10) and 2.2·10³ by 1 200 (λ = 100,
+           5 steps of 0.005); MAML's stays at 2.1–3.1·10² from iteration 500 to 4 000. An
+           inexact inner solve is a consequence, not the cause: with λ = 100 and 20 steps of
+           0.0015 the median ‖∇L_s(φ) + λ(φ − θ)‖/‖∇L_s(θ)‖ stays ≤ 0.04 while h_max grows
+           33-fold (iteration 1 400). Once lr·(λ + h_max(φ)) > 2 (iteration 400–600 with 5
+           steps, 1 600 with 20) gradient descent no longer solves the proximal problem (λ =
+           100, 5 steps: median residual ≤ 0.05 up to iteration 400, 0.45–0.84 from 700), the
+           implicit gradient is no longer the derivative of the φ used, and the iterates
+           overflow (diverged at 1 233 and 1 995). With λ = 10 the inner problem is never well
+           solved (median residual 0.13–0.39: 5 steps with lr·λ = 0.1 shrink the proximal term
+           only by 0.9⁵ ≈ 0.59), and ``I + H_s/λ`` is indefinite from the start (smallest
+           eigenvalue of H_s about −28 at θ_0, down to −180 later), so CG is not solving a
+           positive-definite system: 20 CG iterations instead of 5 give meta-gradient spikes up
+           to 6·10³ (typically 1–3) that stall Adam (3 000 iterations, no divergence, no
+           learning: 5-shot MSE 3.2 before and 3.4 after 10 steps). A global-norm clip at 5
+           does not help (diverged at iteration 728): the curvature grows at ordinary gradient
+           norms. λ = 1 with 5 steps of 0.01 diverged at 3 686 (λ = 25, 10 of 0.005, and λ =
+           50, 5 of 0.01, at 1 121 and 637 in an earlier run). The two settings that did not
+           diverge are unusable under the protocol's evaluation, because the curvature iMAML
+           is drawn to defeats plain SGD with α = 0.01: one step of 0.01 with λ = 100 (4 000
+           iterations; h_max(θ) ≈ 700, 5-shot MSE 1.84 after 10 steps, non-monotone) and one
+           step of 0.01 with λ = 1 (6 000 iterations; 5-shot MSE 230 before adaptation,
+           non-finite after 4 steps). A diverged method is reported, not evaluated.
 pretrained the same network trained on all points of the sampled tasks (no inner loop), then
            fine-tuned like the others (the paper's baseline)
 ========== =====================================================================================
 
 The paper reports the sinusoid results as plots only (Fig. 2 and 3; the appendix repeats them
-for K = 5, 10, 20), not as numbers, so the tables here put our numbers beside "plot only" and
-the full-mode check uses our own acceptance bounds (:data:`FULL_BOUNDS`).
+for K = 5, 10, 20) and prints no table. :data:`PAPER_FIG3` holds the MAML and pretrained 5-shot
+curves after 1, 5 and 10 steps as read off its Fig. 3 (a reading, not a printed number); full
+mode asserts that our MAML's 5-shot MSE is at most that reading plus our own 95 % half-width at
+each of those steps.
 """
 
 from __future__ import annotations
@@ -66,9 +88,20 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
 """Inner-loop settings per method (``lr`` and ``steps`` of training; evaluation always uses
 plain SGD with the protocol's α)."""
 
-#: Our acceptance bounds for full mode (the paper plots its curves without numbers):
-#: MAML's 5-shot query MSE after 1 and after 10 fine-tuning steps must not exceed these.
-FULL_BOUNDS = {1: 1.0, 10: 0.5}
+PAPER_FIG3: dict[str, dict[int, float]] = {
+    "maml": {1: 0.67, 5: 0.38, 10: 0.35},
+    "pretrained": {1: 2.41, 5: 2.23, 10: 2.19},
+}
+"""5-shot query MSE after 1, 5 and 10 fine-tuning steps read off Fig. 3 of Finn et al. (2017),
+K = 5 (the paper prints no table; read by the issue author). The paper's pretrained baseline
+was fine-tuned with step 0.01 for K = 5 and 0.02 for K = 10, 20 (its figure legends); ours uses
+α = 0.01 for every K, which is the paper's setting for the K = 5 curves read here."""
+
+PAPER_SOURCE = "read off Fig. 3 of Finn et al. (2017), K = 5 (the paper prints no table)"
+
+#: Full mode: MAML's 5-shot query MSE after each of these steps must not exceed the Fig. 3
+#: reading plus its own 95 % half-width (``mse ≤ reading + ci95``).
+FULL_BOUNDS: dict[int, float] = dict(PAPER_FIG3["maml"])
 
 
 @dataclass(frozen=True)
@@ -153,7 +186,8 @@ def _binned(history: torch.Tensor, bins: int = 200) -> dict[str, list[float]]:
 
 def run_checks(results: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
     """The assertions of a run: MAML beats pretrained (both modes) and, in full mode, MAML's
-    5-shot MSE is within :data:`FULL_BOUNDS`. Returns ``[{"name", "passed", "detail"}]``."""
+    5-shot MSE after 1, 5 and 10 steps is at most the Fig. 3 reading (:data:`FULL_BOUNDS`) plus
+    its own 95 % half-width. Returns ``[{"name", "passed", "detail"}]``."""
     checks: list[dict[str, Any]] = []
     methods = results["methods"]
     methods = {m: r for m, r in methods.items() if "eval" in r}
@@ -177,9 +211,10 @@ def run_checks(results: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
                 value, half = curve["mse"][step], curve["ci95"][step]
                 checks.append(
                     {
-                        "name": f"MAML 5-shot MSE after {step} step(s) <= {bound}",
-                        "passed": bool(value - half <= bound),
-                        "detail": f"{value:.3f} ± {half:.3f}",
+                        "name": f"MAML 5-shot MSE after {step} step(s) <= {bound} "
+                        "(Fig. 3 reading) + its 95 % half-width",
+                        "passed": bool(value <= bound + half),
+                        "detail": f"{value:.3f} ± {half:.3f} vs Fig. 3 reading {bound}",
                     }
                 )
     return checks
@@ -197,8 +232,10 @@ def _table(results: dict[str, Any]) -> str:
                 for j in (0, 1, 5, 10)
             ]
             lines.append(f"| {method} | {k} | " + " | ".join(cells) + " |")
-    lines.append("| MAML, Finn et al. (2017) | 5, 10, 20 | plot only (Fig. 3, appendix) | | | |")
-    lines.append("| pretrained, Finn et al. (2017) | 5, 10, 20 | plot only | | | |")
+    for method, reading in PAPER_FIG3.items():
+        cells = " | ".join(f"{reading[j]:.2f}" for j in (1, 5, 10))
+        note = " (fine-tuning step 0.01 for K = 5)" if method == "pretrained" else ""
+        lines.append(f"| {method}, {PAPER_SOURCE}{note} | 5 | — | {cells} |")
     return "\n".join(lines)
 
 
@@ -225,8 +262,10 @@ MLP, MSE loss. Evaluated on {proto["eval_tasks"]} fresh tasks per K: plain SGD w
 
 {_table(results)}
 
-The paper shows these curves as plots (Fig. 3 and its appendix) and reports no numbers; we do
-not transcribe values from its figures.
+The paper shows these curves as plots (Fig. 3 and its appendix) and prints no table; its rows
+above are values read off Fig. 3 (K = 5), so they carry a reading error of a few hundredths.
+The paper's pretrained baseline was fine-tuned with step 0.01 for K = 5 and 0.02 for K = 10, 20
+(its figure legends); our evaluation uses α = 0.01 for every method and every K.
 
 Inner-loop settings: {json.dumps({m: proto["settings"][m] for m in results["methods"]})}
 
@@ -375,8 +414,13 @@ def reproduce_sinusoid(
         "mode": "quick" if quick else "full",
         "reduced": protocol.iterations < Protocol().iterations,
         "protocol": asdict(protocol),
-        "paper": "MAML and pretrained curves are plotted (Fig. 3; appendix for K = 5, 10, 20), "
-        "not reported as numbers",
+        "paper": {
+            "source": PAPER_SOURCE,
+            "k": 5,
+            "mse": {m: {str(j): v for j, v in r.items()} for m, r in PAPER_FIG3.items()},
+            "note": "the paper's pretrained baseline was fine-tuned with step 0.01 for K = 5 and "
+            "0.02 for K = 10, 20 (figure legends); ours uses 0.01 for every K",
+        },
         "methods": {},
         "environment": {
             "torch": torch.__version__,
@@ -422,4 +466,12 @@ def reproduce_sinusoid(
     return results
 
 
-__all__ = ["FULL_BOUNDS", "METHOD_SETTINGS", "Protocol", "reproduce_sinusoid", "run_checks"]
+__all__ = [
+    "FULL_BOUNDS",
+    "METHOD_SETTINGS",
+    "PAPER_FIG3",
+    "PAPER_SOURCE",
+    "Protocol",
+    "reproduce_sinusoid",
+    "run_checks",
+]

@@ -10,6 +10,8 @@ from mamlkit._cli import main
 from mamlkit._reproduce import (
     FULL_BOUNDS,
     METHOD_SETTINGS,
+    PAPER_FIG3,
+    PAPER_SOURCE,
     Protocol,
     reproduce_sinusoid,
     run_checks,
@@ -45,8 +47,9 @@ def fake_results(maml, pretrained, half=0.1):
         (0.4, 2.0, True, [True]),
         (1.95, 2.0, True, [False]),  # better mean, overlapping intervals: not a win
         (2.5, 2.0, True, [False]),
-        (0.4, 2.0, False, [True, True, True]),  # + both full-mode bounds
-        (0.8, 2.0, False, [True, True, False]),  # 0.8 − 0.1 > 0.5 after 10 steps
+        (0.4, 2.0, False, [True, True, True, True]),  # + the Fig. 3 bounds at 1, 5, 10 steps
+        (0.46, 2.0, False, [True, True, True, False]),  # 0.46 > 0.35 + 0.1 after 10 steps
+        (0.75, 2.0, False, [True, True, False, False]),  # 0.75 ≤ 0.67 + 0.1, > 0.38 + 0.1
     ],
 )
 def test_run_checks(maml, pretrained, quick, expected):
@@ -55,6 +58,12 @@ def test_run_checks(maml, pretrained, quick, expected):
     assert all(c["name"] and c["detail"] for c in checks)
     if not quick:
         assert all(str(b) in checks[i + 1]["name"] for i, b in enumerate(FULL_BOUNDS.values()))
+
+
+def test_full_bounds_are_the_fig3_reading_of_maml():
+    assert FULL_BOUNDS == {1: 0.67, 5: 0.38, 10: 0.35} == PAPER_FIG3["maml"]
+    assert PAPER_FIG3["pretrained"] == {1: 2.41, 5: 2.23, 10: 2.19}
+    assert "Fig. 3" in PAPER_SOURCE and "K = 5" in PAPER_SOURCE and "no table" in PAPER_SOURCE
 
 
 def test_reproduce_bad_inputs(tmp_path):
@@ -79,7 +88,9 @@ def test_cli_reproduce_quick_writes_its_files(tmp_path):
         assert len(record["learning_curve"]["meta_loss"]) == 40
     assert [c["name"].startswith("MAML beats pretrained") for c in results["checks"]] == [True] * 3
     text = (out / "results.md").read_text()
-    assert "| maml | 5 |" in text and "plot only" in text
+    assert "| maml | 5 |" in text
+    assert f"| maml, {PAPER_SOURCE} | 5 | — | 0.67 | 0.38 | 0.35 |" in text
+    assert results["paper"]["mse"]["pretrained"] == {"1": 2.41, "5": 2.23, "10": 2.19}
     for name in ("learning_curves.png", "mse_vs_steps.png", "fits.png"):
         assert (out / name).stat().st_size > 1000
     ckpt = load_checkpoint(out / "checkpoints" / "maml")
