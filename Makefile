@@ -11,6 +11,9 @@ STAMP  := $(VENV)/.mamlkit-installed
 export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 
+# JupyterLab refuses to start as root (containers, CI boxes) unless told it may.
+LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
+
 .PHONY: install lab test notebooks verify lint bench reproduce clean
 
 install: $(STAMP)
@@ -24,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 ## lab: open JupyterLab on the notebooks (the main job: read and run them)
 lab: install
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab notebooks/ $(LAB_FLAGS)
 
 ## test: unit tests, doctests and every notebook under nbval (quick mode)
 test: install
