@@ -18,32 +18,25 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ._models import init_mlp, make_mse_loss, mlp
-    from ._reproduce import METHOD_SETTINGS
-    from ._tasks import SinusoidFamily
-    from ._train import meta_train, save_checkpoint
+    from ._reproduce import METHOD_SETTINGS, train_sinusoid
+    from ._train import save_checkpoint
 
     settings = dict(METHOD_SETTINGS[args.method])
     for name in ("lr", "steps", "lam", "cg_steps"):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
-    lr, steps = settings.pop("lr"), settings.pop("steps")
-    if args.method != "imaml":
-        settings = {}
-    result = meta_train(
+    result = train_sinusoid(
         args.method,
-        make_mse_loss(mlp),
-        init_mlp(tuple(args.sizes), seed=args.seed, device=args.device),
-        SinusoidFamily(k_support=args.k),
+        settings,
+        sizes=tuple(args.sizes),
+        k_train=args.k,
         meta_batch_size=args.meta_batch_size,
         iterations=args.iterations,
-        lr=lr,
         meta_lr=args.meta_lr,
-        steps=steps,
-        seed=args.seed + 1,
+        seed=args.seed,
         progress=not args.no_progress,
-        **settings,
+        device=args.device,
     )
     save_checkpoint(result, args.out)
     tail = result.history[-max(1, args.iterations // 20) :]

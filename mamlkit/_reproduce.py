@@ -127,30 +127,64 @@ class Protocol:
         return replace(cls(iterations=2_000, eval_tasks=200), **changes)
 
 
+def train_sinusoid(
+    method: str,
+    settings: dict[str, Any],
+    *,
+    sizes: tuple[int, ...],
+    k_train: int,
+    meta_batch_size: int,
+    iterations: int,
+    meta_lr: float,
+    seed: int,
+    progress: bool,
+    device: torch.device | str | None = None,
+) -> TrainResult:
+    """The sinusoid network meta-trained with ``method``: the one recipe behind both
+    ``python -m mamlkit train`` and ``reproduce sinusoid``.
+
+    ``settings`` holds the inner ``lr`` and ``steps`` (and, for iMAML, ``lam`` and ``cg_steps``,
+    which the other methods ignore). Parameters are initialised with ``seed``; tasks are drawn
+    with ``seed + 1``.
+    """
+    settings = dict(settings)
+    lr, steps = settings.pop("lr"), settings.pop("steps")
+    extra = settings if method == "imaml" else {}
+    return meta_train(
+        method,
+        make_mse_loss(mlp),
+        init_mlp(tuple(sizes), seed=seed, device=device),
+        SinusoidFamily(k_support=k_train),
+        meta_batch_size=meta_batch_size,
+        iterations=iterations,
+        lr=lr,
+        meta_lr=meta_lr,
+        steps=steps,
+        seed=seed + 1,
+        progress=progress,
+        log_every=max(1, min(1000, iterations // 20)),
+        **extra,
+    )
+
+
 def _train_one(
     method: str, protocol: Protocol, progress: bool
 ) -> tuple[TrainResult | None, float, str | None]:
     """Train one method; a divergence is returned as its message, not raised, so that one
     unstable method does not lose the others' hours of training."""
     set_cpu_threads(1)
-    settings = dict(protocol.settings[method])
-    lr, steps = settings.pop("lr"), settings.pop("steps")
     start = time.perf_counter()
     try:
-        result = meta_train(
+        result = train_sinusoid(
             method,
-            make_mse_loss(mlp),
-            init_mlp(protocol.sizes, seed=protocol.seed),
-            SinusoidFamily(k_support=protocol.k_train),
+            protocol.settings[method],
+            sizes=protocol.sizes,
+            k_train=protocol.k_train,
             meta_batch_size=protocol.meta_batch_size,
             iterations=protocol.iterations,
-            lr=lr,
             meta_lr=protocol.meta_lr,
-            steps=steps,
-            seed=protocol.seed + 1,
+            seed=protocol.seed,
             progress=progress,
-            log_every=max(1, min(1000, protocol.iterations // 20)),
-            **settings,
         )
     except FloatingPointError as error:
         return None, time.perf_counter() - start, str(error)
@@ -474,4 +508,5 @@ __all__ = [
     "Protocol",
     "reproduce_sinusoid",
     "run_checks",
+    "train_sinusoid",
 ]
