@@ -14,7 +14,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # JupyterLab refuses to start as root (containers, CI boxes) unless told it may.
 LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: install lab test notebooks verify lint bench reproduce clean
+.PHONY: install lab test test-compiled notebooks verify lint bench reproduce clean
 
 install: $(STAMP)
 
@@ -29,9 +29,13 @@ $(STAMP): pyproject.toml constraints.txt
 lab: install
 	$(BIN)/jupyter lab notebooks/ $(LAB_FLAGS)
 
-## test: unit tests, doctests and every notebook under nbval (quick mode)
+## test: unit tests, doctests and every notebook under nbval (quick mode), on two processes
 test: install
-	MAMLKIT_QUICK=1 $(BIN)/python -m pytest
+	MAMLKIT_QUICK=1 $(BIN)/python -m pytest -n 2 --dist loadfile
+
+## test-compiled: every method on both compiled backends against the per-task engines (slow: cold compiles)
+test-compiled: install
+	$(BIN)/python benchmarks/check_compiled.py
 
 ## notebooks: re-execute every notebook in place, headless (regenerates committed outputs)
 notebooks: install

@@ -43,12 +43,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from mamlkit._fast import fast_adam_step, fast_meta_batch_grad
 from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.profiler import ProfilerActivity, profile
 
 import mamlkit
-from mamlkit._fast import fast_adam_step, fast_meta_batch_grad
 
 SIZES = (1, 40, 40, 1)
 TASKS, K, ALPHA, META_LR, SEED = 25, 10, 0.01, 1e-3, 0
@@ -143,7 +143,7 @@ class Fast(Impl):
         return self.meta_batch_grad(
             self.method, self.loss, self.params, support, query,
             lr=self.lr, steps=self.steps, **self.extra,
-        )[0]  # fmt: skip
+        )[0]
 
     def step(self, support, query):
         self.params, self.state = fast_adam_step(
@@ -564,22 +564,22 @@ def targets(summary: dict[str, Any], memory: dict[str, dict[int, int]]) -> list[
 
     peer = ratios.get("fastest peer / fast, maml k=1")
     add("MAML k=1 ≥ 10× faster than the fastest peer library", peer and peer["median"],
-        peer and peer["median"] >= 10, "×")  # fmt: skip
+        peer and peer["median"] >= 10, "×")
     vm = ratios.get("torch.func vmap / fast, maml k=1")
     add("MAML k=1 ≥ 1.5× faster than torch.func + vmap", vm and vm["median"],
-        vm and vm["median"] >= 1.5, "×")  # fmt: skip
+        vm and vm["median"] >= 1.5, "×")
     so = ratios.get(f"2nd/1st order, {FAST}")
     add("2nd/1st-order cost ratio ≤ 1.5 (meta-iteration)", so and so["median"],
-        so and so["median"] <= 1.5)  # fmt: skip
+        so and so["median"] <= 1.5)
     auto = [v for k, v in memory.items() if k.startswith("maml_grad (")]
     hvp = [v for k, v in memory.items() if k.startswith("maml_grad_hvp")]
     if auto and hvp:
         ratio = _slope(auto[0]) / _slope(hvp[0])
         add("maml_grad_hvp's memory grows clearly slower with k than maml_grad's (slope ratio > 1.5)",
-            ratio, ratio > 1.5, "×")  # fmt: skip
+            ratio, ratio > 1.5, "×")
     minutes = summary.get("protocol_minutes")
     add("full protocol (70,000 × 5 methods) ≤ 10 min", minutes,
-        None if minutes is None else minutes <= 10, " min")  # fmt: skip
+        None if minutes is None else minutes <= 10, " min")
     return rows
 
 

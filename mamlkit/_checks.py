@@ -1,7 +1,22 @@
 """Eager, specific input checks: fail at the door with the argument's name, not three calls deep.
 
-Only shapes, types and Python numbers are inspected, never tensor values, so every check also
-works under ``torch.func.vmap`` and ``torch.func.grad``.
+Every public function validates its inputs here, once, and then calls unchecked cores, so that
+every path (the per-task engines, each backend of ``meta_batch_grad``, training, evaluation)
+has the same error contract:
+
+- ``params``: a non-empty ``dict[str, Tensor]`` of floating-point tensors, all of one dtype and
+  on one device (``TypeError``/``ValueError`` naming the key).
+- data ``(x, y)``: tensors on the device of ``params``; ``x`` floating-point with the dtype of
+  ``params``; ``y`` either floating-point with that dtype (regression targets) or an integer
+  tensor (class labels, for losses that take them); complex and bool tensors are refused.
+  NaN or inf *values* are not inspected: NaN in the data gives NaN out (training stops on it).
+- one task's batch: at least one point, ``x`` and ``y`` with the same number of rows.
+- a meta-batch: ``x`` of shape (tasks, points, features…) — at least three dimensions — and
+  ``y`` of shape (tasks, points, …), at least one task and one point, support and query with
+  the same number of tasks. A single task is a meta-batch of one: ``x[None]``, ``y[None]``.
+
+Only shapes, dtypes, devices and Python values are inspected, never tensor values, so the
+checks also work under ``torch.func.vmap`` and ``torch.func.grad``.
 """
 
 from __future__ import annotations
@@ -10,17 +25,21 @@ import math
 from collections.abc import Mapping
 from numbers import Real
 
+import torch
 from torch import Tensor
 
 from ._params import Batch, LossFn, Params
 
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed accepts 0 … 2⁶⁴ − 1
+
 
 def check_params(params: object, name: str = "params") -> Params:
-    """Return ``params`` as a new dict after checking it is a non-empty ``dict[str, Tensor]``."""
+    """Return ``params`` as a new dict after checking the contract above."""
     if not isinstance(params, Mapping):
         raise TypeError(f"{name} must be a dict[str, Tensor], got {type(params).__name__}")
     if not params:
         raise ValueError(f"{name} must contain at least one tensor, got an empty dict")
+    first: Tensor | None = None
     for key, value in params.items():
         if not isinstance(key, str):
             raise TypeError(f"{name} keys must be str, got {key!r}")
@@ -28,27 +47,63 @@ def check_params(params: object, name: str = "params") -> Params:
             raise TypeError(f"{name}[{key!r}] must be a Tensor, got {type(value).__name__}")
         if not value.is_floating_point():
             raise TypeError(f"{name}[{key!r}] must be a floating-point tensor, got {value.dtype}")
+        if first is None:
+            first = value
+        elif value.dtype != first.dtype:
+            raise TypeError(
+                f"{name} must all have one dtype, got {first.dtype} and {value.dtype} "
+                f"({name}[{key!r}])"
+            )
+        elif value.device != first.device:
+            raise ValueError(
+                f"{name} must all be on one device, got {first.device} and {value.device} "
+                f"({name}[{key!r}])"
+            )
     return dict(params)
 
 
-def check_pair(batch: object, name: str) -> Batch:
-    """Check that ``batch`` is a pair ``(x, y)`` of tensors (nothing about shapes)."""
+def reference_tensor(params: Mapping[str, Tensor]) -> Tensor:
+    """The tensor whose dtype and device the data must match (any one of checked params)."""
+    return next(iter(params.values()))
+
+
+def check_data(value: object, where: str, role: str, like: Tensor | None) -> Tensor:
+    """One data tensor: ``where`` names it in errors (e.g. ``"support x"``); ``role`` is ``"x"``
+    (model inputs: floating) or ``"y"`` (targets: floating or integer labels)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{where} must be a Tensor, got {type(value).__name__}")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{where} must be a real floating-point or integer tensor, got {value.dtype}")
+    if role == "x" and not value.is_floating_point():
+        raise TypeError(
+            f"{where} must be a floating-point tensor (the model's inputs), got {value.dtype}"
+        )
+    if like is None:
+        return value
+    if value.is_floating_point() and value.dtype != like.dtype:
+        raise TypeError(f"{where} must have the dtype of params ({like.dtype}), got {value.dtype}")
+    if value.device != like.device:
+        raise ValueError(
+            f"{where} must be on the device of params ({like.device}), got {value.device}"
+        )
+    return value
+
+
+def check_pair(batch: object, name: str, like: Tensor | None = None) -> Batch:
+    """``batch`` is a pair ``(x, y)`` of data tensors (nothing about shapes)."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(f"{name} must be a pair (x, y) of tensors, got {type(batch).__name__}")
     x, y = batch
-    for part, value in (("x", x), ("y", y)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} {part} must be a Tensor, got {type(value).__name__}")
-    return x, y
+    return check_data(x, f"{name} x", "x", like), check_data(y, f"{name} y", "y", like)
 
 
-def check_batch(batch: object, name: str) -> Batch:
-    """Check ``batch = (x, y)``: two tensors with the same number of rows (dim 0).
+def check_batch(batch: object, name: str, like: Tensor | None = None) -> Batch:
+    """One task's ``(x, y)``: the same number of rows (dim 0), at least one.
 
     A y with a different number of rows, e.g. shape (1,) against x of shape (N, 1), would
-    broadcast silently inside a loss; it is refused here.
+    broadcast silently inside a loss; it is refused here, as is an empty set of points.
     """
-    x, y = check_pair(batch, name)
+    x, y = check_pair(batch, name, like)
     for part, value in (("x", x), ("y", y)):
         if value.ndim == 0:
             raise ValueError(f"{name} {part} must have a leading batch dimension, got a 0-d tensor")
@@ -57,38 +112,39 @@ def check_batch(batch: object, name: str) -> Batch:
             f"{name} x and y must have the same number of rows, got x {tuple(x.shape)} "
             f"and y {tuple(y.shape)}"
         )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one point, got x {tuple(x.shape)}")
     return x, y
 
 
-def check_task_batches(support: object, query: object) -> tuple[Batch, Batch]:
-    """Check a meta-batch: ``support`` and ``query`` are pairs ``(x, y)`` whose tensors have a
-    leading task dimension and a points dimension, ``x.shape[:2] == y.shape[:2]``, and the two
-    hold the same number of tasks."""
+def check_meta_batch(support: object, query: object, like: Tensor | None = None) -> tuple[Batch, Batch]:
+    """A meta-batch: x (tasks, points, features…), y (tasks, points, …); see the module doc."""
     batches = []
     for name, batch in (("support", support), ("query", query)):
-        x, y = check_pair(batch, name)
-        for part, value in (("x", x), ("y", y)):
-            if value.ndim < 2:
-                raise ValueError(
-                    f"{name} {part} must have shape (tasks, points, ...), got {tuple(value.shape)}"
-                )
+        x, y = check_pair(batch, name, like)
+        if x.ndim < 3:
+            raise ValueError(
+                f"{name} x must have shape (tasks, points, features...), at least 3 dimensions, "
+                f"got {tuple(x.shape)}; for a single task pass x[None] and y[None]"
+            )
+        if y.ndim < 2:
+            raise ValueError(f"{name} y must have shape (tasks, points, ...), got {tuple(y.shape)}")
         if x.shape[:2] != y.shape[:2]:
             raise ValueError(
                 f"{name} x and y must agree in (tasks, points), got x {tuple(x.shape)} "
                 f"and y {tuple(y.shape)}"
             )
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} must hold at least one task, got x {tuple(x.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError(f"{name} must hold at least one point per task, got x {tuple(x.shape)}")
         batches.append((x, y))
-    check_same_tasks(*batches)
-    return batches[0], batches[1]
-
-
-def check_same_tasks(support: Batch, query: Batch) -> None:
-    """``support`` and ``query`` hold the same number of tasks (dim 0)."""
-    if support[0].shape[0] != query[0].shape[0]:
+    if batches[0][0].shape[0] != batches[1][0].shape[0]:
         raise ValueError(
-            f"support and query must hold the same number of tasks, got {support[0].shape[0]} "
-            f"and {query[0].shape[0]}"
+            f"support and query must hold the same number of tasks, got {batches[0][0].shape[0]} "
+            f"and {batches[1][0].shape[0]}"
         )
+    return batches[0], batches[1]
 
 
 def check_lr(lr: object, name: str = "lr") -> float:
@@ -100,26 +156,69 @@ def check_lr(lr: object, name: str = "lr") -> float:
     return float(lr)
 
 
-def check_steps(steps: object, name: str = "steps") -> int:
-    """A non-negative int (bool is refused)."""
+def check_steps(steps: object, name: str = "steps", minimum: int = 0) -> int:
+    """An int >= ``minimum`` (bool is refused)."""
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"{name} must be an int, got {type(steps).__name__}")
-    if steps < 0:
-        raise ValueError(f"{name} must be >= 0, got {steps}")
+    if steps < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {steps}")
     return steps
 
 
+def check_positive(value: object, name: str) -> float:
+    """A finite real number > 0."""
+    value = check_lr(value, name)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def check_nonnegative(value: object, name: str) -> float:
+    """A finite real number >= 0."""
+    value = check_lr(value, name)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """An int >= 1."""
+    return check_steps(value, name, minimum=1)
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """An int in torch's seed range 0 … 2⁶⁴ − 1."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"{name} must be in 0 … 2**64 - 1 (torch's seed range), got {seed}")
+    return seed
+
+
+def derived_seed(seed: int, offset: int) -> int:
+    """``seed + offset`` wrapped into torch's seed range (for the seeds a recipe derives)."""
+    return (seed + offset) % (SEED_MAX + 1)
+
+
+def check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_like(tree: object, params: Params, name: str) -> Params:
-    """Check that ``tree`` has exactly the keys (same order) and shapes of ``params``."""
+    """``tree`` has exactly the keys (same order), shapes, dtype and device of ``params``."""
     tree = check_params(tree, name)
     if list(tree) != list(params):
         raise ValueError(f"{name} must have the keys of params {list(params)}, got {list(tree)}")
+    like = reference_tensor(params)
     for key, value in tree.items():
         if value.shape != params[key].shape:
             raise ValueError(
                 f"{name}[{key!r}] must have shape {tuple(params[key].shape)}, "
                 f"got {tuple(value.shape)}"
             )
+    check_data(next(iter(tree.values())), name, "x", like)
     return tree
 
 
@@ -138,32 +237,6 @@ def checked_loss(loss_fn: object) -> LossFn:
     return loss
 
 
-def check_positive(value: object, name: str) -> float:
-    """A finite real number > 0."""
-    value = check_lr(value, name)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
-
-
-def check_positive_int(value: object, name: str) -> int:
-    """An int >= 1."""
-    value = check_steps(value, name)
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
-__all__ = [
-    "check_batch",
-    "check_like",
-    "check_lr",
-    "check_pair",
-    "check_params",
-    "check_positive",
-    "check_positive_int",
-    "check_same_tasks",
-    "check_steps",
-    "check_task_batches",
-    "checked_loss",
-]
+def check_callable(value: object, name: str, signature: str) -> None:
+    if not callable(value):
+        raise TypeError(f"{name} must be callable as {signature}, got {type(value).__name__}")

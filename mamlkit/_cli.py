@@ -1,15 +1,119 @@
-"""The command line: ``python -m mamlkit <command>``."""
+"""The command line: ``python -m mamlkit <command>`` (or ``mamlkit <command>``).
+
+Every setting and output path is checked before any work starts. A usage mistake exits with
+status 2 (argparse's message); any other mamlkit error prints one line, ``mamlkit: error: …``,
+and exits with 1 — the traceback only with ``--debug`` or ``MAMLKIT_DEBUG=1``. A run stopped by
+SIGINT or SIGTERM checkpoints, prints one line and exits with 130 or 143.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+from . import __version__
+from ._checks import SEED_MAX
+from ._methods import METHODS, get_method, hyper_table
 from ._runtime import set_cpu_threads
 
+BACKEND_CHOICES = ("auto", "vmap", "fused", "compiled")
 
-def _verify(args: argparse.Namespace) -> int:
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown in --help, descriptions kept as written."""
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in 0 … 2**64 - 1 (torch's seed range), got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
+
+
+def _device(parser: argparse.ArgumentParser, name: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"argument --device: not a torch device: {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: CUDA is not available in this torch build "
+                     f"({torch.__version__}); use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        parser.error("argument --device: MPS is not available here; use --device cpu")
+    return name
+
+
+def _output_file(parser: argparse.ArgumentParser, flag: str, path: str | None) -> None:
+    """An output file's folder must exist and be writable, and the path must not be a folder."""
+    if path is None:
+        return
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        parser.error(f"argument {flag}: {path!r} is a folder, not a file")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        parser.error(f"argument {flag}: cannot write {path!r} (folder {str(folder)!r} is missing "
+                     "or not writable)")
+
+
+def _method_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The method's sinusoid settings with the command line's overrides; a flag the method does
+    not take is a usage error."""
+    from ._experiments.sinusoid import SETTINGS, check_settings
+
+    method = get_method(args.method)
+    settings = dict(SETTINGS[method.name])
+    for name in ("lr", "steps"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    taken = {h.name for h in method.hypers}
+    for name in hyper_table():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in taken:
+            parser.error(f"argument --{name.replace('_', '-')}: method {method.name!r} does not "
+                         f"take it (its hyper-parameters: {sorted(taken) or 'none'})")
+        settings[name] = value
+    try:
+        return check_settings({method.name: settings})[method.name]
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+        raise  # unreachable
+
+
+# ----------------------------------------------------------------------------------- commands
+
+
+def _verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ._verify import format_report, run_checks
 
     checks = run_checks(seed=args.seed)
@@ -17,149 +121,183 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if all(c.passed for c in checks) else 1
 
 
-def _train(args: argparse.Namespace) -> int:
-    from ._reproduce import METHOD_SETTINGS, train_sinusoid
-    from ._train import save_checkpoint
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ._experiments.sinusoid import train_sinusoid
+    from ._train import check_writable_folder
 
-    settings = dict(METHOD_SETTINGS[args.method])
-    for name in ("lr", "steps", "lam", "cg_steps"):
-        value = getattr(args, name)
-        if value is not None:
-            settings[name] = value
+    settings = _method_settings(parser, args)
+    device = _device(parser, args.device)
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        parser.error("argument --checkpoint-every: must be >= 1")
+    out = check_writable_folder(args.out, "--out")
+    if args.resume and not (out / "checkpoint.pt").is_file():
+        parser.error(f"argument --resume: no checkpoint in {str(out)!r} to resume")
     result = train_sinusoid(
-        args.method,
-        settings,
-        sizes=tuple(args.sizes),
-        k_train=args.k,
-        meta_batch_size=args.meta_batch_size,
-        iterations=args.iterations,
-        meta_lr=args.meta_lr,
-        seed=args.seed,
-        progress=not args.no_progress,
-        device=args.device,
+        args.method, settings, sizes=tuple(args.sizes), k_train=args.k,
+        meta_batch_size=args.meta_batch_size, iterations=args.iterations, meta_lr=args.meta_lr,
+        seed=args.seed, backend=args.backend, device=device, checkpoint_dir=out,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.no_progress,
     )
-    save_checkpoint(result, args.out)
     tail = result.history[-max(1, args.iterations // 20) :]
     final = f"{tail.mean().item():.4f}" if tail.numel() else "n/a"
-    print(f"{args.method}: {args.iterations} iterations, final meta-loss {final}; wrote {args.out}")
+    print(f"{args.method}: {args.iterations} iterations ({result.config['backend']} backend), "
+          f"final meta-loss {final}; wrote {out / 'checkpoint.pt'}")
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import json
 
-    from ._evaluate import evaluate_tasks
-    from ._models import make_mse_loss, mlp
-    from ._tasks import SinusoidFamily
-    from ._train import load_checkpoint
+    from ._checkpoint import load_checkpoint
+    from ._experiments.sinusoid import evaluate_sinusoid
 
+    _output_file(parser, "--json", args.json)
     params = load_checkpoint(args.checkpoint).params
-    record = {}
+    curves = evaluate_sinusoid(params, ks=tuple(args.k), num_tasks=args.tasks, lr=args.lr, steps=args.steps)
     print(f"| K | {' | '.join(f'{j} steps' for j in range(args.steps + 1))} |")
-    for k in args.k:
-        result = evaluate_tasks(
-            make_mse_loss(mlp),
-            params,
-            SinusoidFamily(k_support=k),
-            num_tasks=args.tasks,
-            lr=args.lr,
-            steps=args.steps,
-            seed=args.seed + k,
-        )
-        record[str(k)] = {"mse": result.mse.tolist(), "ci95": result.ci95.tolist()}
-        cells = " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in zip(result.mse, result.ci95))
-        print(f"| {k} | {cells} |")
+    for k, curve in curves.items():
+        print(f"| {k} | " + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in zip(curve["mean"], curve["ci95"])) + " |")
     if args.json is not None:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+        Path(args.json).write_text(json.dumps(curves, indent=1) + "\n")
     return 0
 
 
-def _reproduce(args: argparse.Namespace) -> int:
-    from ._reproduce import reproduce_sinusoid
-
-    out = args.out or ("results/sinusoid_quick" if args.quick else "results/sinusoid")
-    results = reproduce_sinusoid(
-        out,
-        quick=args.quick,
-        iterations=args.iterations,
-        methods=args.methods,
-        eval_tasks=args.eval_tasks,
-        workers=args.workers,
-        progress=not args.no_progress,
-        figures=not args.no_figures,
-        seed=args.seed,
-    )
+def _reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.experiment == "glyphs":
+        from ._experiments.glyphs import reproduce_glyphs as run
+    else:
+        from ._experiments.sinusoid import reproduce_sinusoid as run
+    quick = "_quick" if args.quick else ""
+    out = args.out or f"results/{args.experiment}{quick}"
+    results = run(out, quick=args.quick, iterations=args.iterations, methods=args.methods,
+                  eval_tasks=args.eval_tasks, seeds=args.seeds, workers=args.workers,
+                  backend=args.backend, resume=args.resume, progress=not args.no_progress,
+                  figures=not args.no_figures)
     for warning in results["warnings"]:
         print(f"[WARN] {warning}")
+    for note in results.get("notes", []):
+        print(f"[NOTE] {note}")
     for check in results["checks"]:
         print(f"[{'PASS' if check['passed'] else 'FAIL'}] {check['name']}: {check['detail']}")
-    print(
-        f"wrote {out}/results.json, results.md ({results['environment']['total_wall_seconds']} s)"
-    )
+    print(f"wrote {out}/results.json, results.md ({results['environment']['wall_seconds']} s)")
     return 0 if all(c["passed"] for c in results["checks"]) else 1
 
 
+def _cache(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ._compiled import cache_dir, clear_cache
+
+    if args.clear:
+        print(f"removed {clear_cache()} compiled kernel(s) from {cache_dir()}")
+    else:
+        files = sorted(cache_dir().glob("fused-*.pt2")) if cache_dir().is_dir() else []
+        size = sum(f.stat().st_size for f in files) / 2**20
+        print(f"{cache_dir()}: {len(files)} compiled kernel(s), {size:.1f} MiB")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mamlkit", description=__doc__)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads (default: $MAMLKIT_NUM_THREADS, $OMP_NUM_THREADS or 1)",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    verify = commands.add_parser("verify", help="check every identity the notebooks claim")
-    verify.add_argument("--seed", type=int, default=0)
-    verify.set_defaults(run=_verify)
+    parser = argparse.ArgumentParser(prog="python -m mamlkit", description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"mamlkit {__version__}")
+    parser.add_argument("--threads", type=_positive, default=None,
+                        help="torch threads (default: $MAMLKIT_NUM_THREADS, the first entry of "
+                        "$OMP_NUM_THREADS, or 1)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also: MAMLKIT_DEBUG=1)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    methods = ("maml", "fomaml", "reptile", "imaml", "pretrained")
-    train = commands.add_parser("train", help="meta-train a sinusoid regressor, save a checkpoint")
-    train.add_argument("--method", choices=methods, default="maml")
-    train.add_argument("--out", required=True, help="checkpoint directory")
-    train.add_argument("--iterations", type=int, default=70_000)
-    train.add_argument("--meta-batch-size", type=int, default=25)
-    train.add_argument("--k", type=int, default=10, help="support (= query) points per task")
-    train.add_argument("--meta-lr", type=float, default=1e-3)
-    train.add_argument("--lr", type=float, default=None, help="inner step (method default)")
-    train.add_argument("--steps", type=int, default=None, help="inner steps (method default)")
-    train.add_argument("--lam", type=float, default=None, help="iMAML's λ")
-    train.add_argument("--cg-steps", type=int, default=None, help="iMAML's CG iterations")
-    train.add_argument("--sizes", type=int, nargs="+", default=[1, 40, 40, 1])
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda")
-    train.add_argument("--no-progress", action="store_true")
-    train.set_defaults(run=_train)
+    verify = commands.add_parser("verify", help="check every identity the notebooks claim", formatter_class=_Formatter)
+    verify.add_argument("--seed", type=_seed, default=0, help="seed of the numeric checks")
+    verify.set_defaults(run=_verify, command_parser=verify)
 
-    evaluate = commands.add_parser("evaluate", help="fine-tune a checkpoint on fresh tasks")
-    evaluate.add_argument("checkpoint", help="directory written by `train`")
-    evaluate.add_argument("--k", type=int, nargs="+", default=[5, 10, 20])
-    evaluate.add_argument("--tasks", type=int, default=600)
-    evaluate.add_argument("--steps", type=int, default=10)
-    evaluate.add_argument("--lr", type=float, default=0.01)
-    evaluate.add_argument("--seed", type=int, default=10_000)
+    train = commands.add_parser("train", formatter_class=_Formatter,
+                                help="meta-train a sinusoid regressor (checkpointed, resumable)")
+    train.add_argument("--method", choices=tuple(METHODS), default="maml",
+                       help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+    train.add_argument("--out", required=True, help="folder for checkpoint.pt (checked before training)")
+    train.add_argument("--iterations", type=_nonnegative, default=70_000, help="meta-iterations (the paper's 70,000)")
+    train.add_argument("--meta-batch-size", type=_positive, default=25, help="tasks per meta-iteration")
+    train.add_argument("--k", type=_positive, default=10, help="support (= query) points per task")
+    train.add_argument("--meta-lr", type=_float, default=1e-3, help="Adam's step size β")
+    train.add_argument("--lr", type=_float, default=None, help="inner step size α (default: the method's setting)")
+    train.add_argument("--steps", type=_nonnegative, default=None, help="inner steps (default: the method's setting)")
+    for hyper in hyper_table().values():
+        train.add_argument(f"--{hyper.name.replace('_', '-')}", type=_float if hyper.kind is float else _positive,
+                           default=None, help=f"{hyper.help} (default: the method's setting)")
+    train.add_argument("--sizes", type=_positive, nargs="+", default=[1, 40, 40, 1], help="MLP layer widths")
+    train.add_argument("--seed", type=_seed, default=0, help="initialisation seed (tasks use seed + 1)")
+    train.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    train.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                       help="meta-gradient backend (auto: compiled from 20,000 iterations, else fused)")
+    train.add_argument("--checkpoint-every", type=_positive, default=1_000, help="iterations between checkpoints")
+    train.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train, command_parser=train)
+
+    evaluate = commands.add_parser("evaluate", formatter_class=_Formatter,
+                                   help="fine-tune a trained sinusoid regressor on fresh tasks")
+    evaluate.add_argument("checkpoint", help="folder (or checkpoint.pt) written by `train`")
+    evaluate.add_argument("--k", type=_positive, nargs="+", default=[5, 10, 20], help="support points per test task")
+    evaluate.add_argument("--tasks", type=_positive, default=600, help="test tasks per K")
+    evaluate.add_argument("--steps", type=_nonnegative, default=10, help="fine-tuning steps")
+    evaluate.add_argument("--lr", type=_float, default=0.01, help="fine-tuning step size")
     evaluate.add_argument("--json", default=None, help="also write the curves to this file")
-    evaluate.set_defaults(run=_evaluate)
+    evaluate.set_defaults(run=_evaluate, command_parser=evaluate)
 
-    reproduce = commands.add_parser("reproduce", help="reproduce a paper experiment")
-    reproduce.add_argument("experiment", choices=["sinusoid"])
-    reproduce.add_argument("--quick", action="store_true", help="few thousand iterations")
-    reproduce.add_argument("--iterations", type=int, default=None)
-    reproduce.add_argument("--eval-tasks", type=int, default=None)
-    reproduce.add_argument("--methods", nargs="+", choices=methods, default=None)
-    reproduce.add_argument("--workers", type=int, default=1, help="parallel training processes")
-    reproduce.add_argument("--out", default=None, help="default results/sinusoid[_quick]")
-    reproduce.add_argument("--seed", type=int, default=0)
-    reproduce.add_argument("--no-progress", action="store_true")
-    reproduce.add_argument("--no-figures", action="store_true")
-    reproduce.set_defaults(run=_reproduce)
+    reproduce = commands.add_parser("reproduce", formatter_class=_Formatter, help="reproduce a paper experiment")
+    reproduce.add_argument("experiment", choices=["sinusoid", "glyphs"], help="which experiment")
+    reproduce.add_argument("--quick", action="store_true", help="the small version (one seed, fewer iterations)")
+    reproduce.add_argument("--iterations", type=_positive, default=None, help="meta-iterations (default: the protocol's)")
+    reproduce.add_argument("--eval-tasks", type=_positive, default=None, help="test tasks (default: the protocol's)")
+    reproduce.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=None,
+                           help="methods to run (default: the experiment's)")
+    reproduce.add_argument("--seeds", type=_seed, nargs="+", default=None,
+                           help="training seeds (default: 0 1 2; --quick: 0)")
+    reproduce.add_argument("--workers", type=_positive, default=1, help="parallel training processes")
+    reproduce.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="meta-gradient backend")
+    reproduce.add_argument("--out", default=None, help="output folder (default: results/EXPERIMENT[_quick])")
+    reproduce.add_argument("--resume", action="store_true", help="continue the runs checkpointed in --out")
+    reproduce.add_argument("--no-progress", action="store_true", help="no progress output")
+    reproduce.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    reproduce.set_defaults(run=_reproduce, command_parser=reproduce)
+
+    cache = commands.add_parser("cache", formatter_class=_Formatter, help="where compiled kernels are kept")
+    cache.add_argument("--clear", action="store_true", help="delete every compiled kernel")
+    cache.set_defaults(run=_cache, command_parser=cache)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    set_cpu_threads(args.threads)
-    return args.run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("MAMLKIT_DEBUG") == "1"
+    from ._checkpoint import CheckpointError
+    from ._experiments.common import ExperimentFailed, ExperimentInterrupted
+    from ._train import TrainingDiverged, TrainingInterrupted
+
+    try:
+        set_cpu_threads(args.threads)
+        return args.run(args, args.command_parser)
+    except (TrainingInterrupted, ExperimentInterrupted) as error:
+        if debug:
+            raise
+        hint = "; continue with the same command and --resume" if isinstance(error, TrainingInterrupted) else ""
+        print(f"mamlkit: {error}{hint}", file=sys.stderr)
+        return 128 + error.signum
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("mamlkit: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (ValueError, TypeError, OSError, CheckpointError, TrainingDiverged, ExperimentFailed,
+            RuntimeError) as error:
+        if debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"mamlkit: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

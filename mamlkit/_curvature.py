@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from torch import Tensor
 from torch.func import grad, jacrev, vjp
 
-from ._checks import check_batch, check_like, check_params, checked_loss
+from ._checks import check_batch, check_like, check_params, checked_loss, reference_tensor
 from ._params import Batch, LossFn, ModelFn, Params, flatten_params, tree_detach, unflatten_params
 
 
@@ -61,7 +61,7 @@ def hvp(
     """
     params = check_params(params)
     v = check_like(v, params, "v")
-    batch = check_batch(batch, "batch")
+    batch = check_batch(batch, "batch", reference_tensor(params))
     return _hvp(checked_loss(loss_fn), tree_detach(params), batch, tree_detach(v))
 
 
@@ -79,7 +79,7 @@ def hessian(loss_fn: LossFn, params: Mapping[str, Tensor], batch: Batch) -> Tens
                 [1., 1.]])
     """
     params = check_params(params)
-    batch = check_batch(batch, "batch")
+    batch = check_batch(batch, "batch", reference_tensor(params))
     return _hessian(checked_loss(loss_fn), tree_detach(params), batch)
 
 
@@ -113,7 +113,7 @@ def mse_hessian_parts(
         (tensor([[3.]]), tensor([[0.]]))
     """
     params = tree_detach(check_params(params))
-    check_batch((x, y), "(x, y)")
+    check_batch((x, y), "(x, y)", reference_tensor(params))
     vector = flatten_params(params)
 
     def predict(v: Tensor) -> Tensor:

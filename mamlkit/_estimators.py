@@ -5,7 +5,7 @@ Notation (as in the notebooks): θ = θ_0 the meta-parameters, α = ``lr`` the i
 support-loss Hessian, and ``maml_grad`` the exact meta-gradient ``dL_q(θ_k)/dθ``.
 
 - :func:`reptile_grad` (Nichol et al. 2018): ``(θ − θ_k)/α = Σ_j ∇L(θ_j)``, no Hessian.
-- :func:`imaml` / :func:`imaml_grad` (Rajeswaran et al. 2019): the gradient of ``L_q(φ(θ))``
+- :func:`imaml` (Rajeswaran et al. 2019): the gradient of ``L_q(φ(θ))``
   where φ(θ) minimises ``L_s(φ) + λ/2‖φ − θ‖²``, by the implicit function theorem and conjugate
   gradient on Hessian-vector products.
 - :func:`es_maml_grad` (Song et al. 2020): antithetic Gaussian smoothing of ``F(θ) = L_q(θ_k)``,
@@ -28,34 +28,27 @@ from ._checks import (
     check_batch,
     check_like,
     check_lr,
+    check_nonnegative,
     check_params,
     check_positive,
     check_positive_int,
+    check_seed,
     check_steps,
     checked_loss,
+    reference_tensor,
 )
 from ._curvature import _hvp
 from ._metagrad import _adapt, fomaml_grad, maml_grad
-from ._params import Batch, LossFn, Params, flatten_params, tree_detach
-
-
-def _dot(a: Params, b: Params) -> Tensor:
-    """⟨a, b⟩ summed over every key (a 0-d tensor; vmap-safe)."""
-    return sum((a[k] * b[k]).sum() for k in a)
-
-
-def _check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    return seed
-
-
-def _check_tol(value: object, name: str) -> float:
-    value = check_lr(value, name)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
+from ._params import (
+    Batch,
+    LossFn,
+    Params,
+    flatten_params,
+    tree_axpy,
+    tree_detach,
+    tree_vdot,
+    tree_zeros_like,
+)
 
 # --------------------------------------------------------------------------------------- Reptile
 
@@ -109,16 +102,18 @@ def reptile_grad(
     """
     loss = checked_loss(loss_fn)
     params = tree_detach(check_params(params))
-    batch = check_batch(batch, "batch")
-    lr = check_lr(lr)
-    steps = check_positive_int(steps, "steps")
-    total = {k: torch.zeros_like(v) for k, v in params.items()}
-    theta = params
+    batch = check_batch(batch, "batch", reference_tensor(params))
+    return _reptile(loss, params, batch, check_lr(lr), check_positive_int(steps, "steps"))[0]
+
+
+def _reptile(loss: LossFn, params: Params, batch: Batch, lr: float, steps: int) -> tuple[Params, Params]:
+    """(Σ_j ∇L(θ_j), θ_k), the unchecked core (vmap-safe)."""
+    total, theta = tree_zeros_like(params), params
     for _ in range(steps):
         g = tree_detach(grad(loss)(theta, batch))
-        total = {k: total[k] + g[k] for k in total}
-        theta = {k: theta[k] - lr * g[k] for k in theta}
-    return total
+        total = tree_axpy(1.0, g, total)
+        theta = tree_axpy(-lr, g, theta)
+    return total, theta
 
 
 # ----------------------------------------------------------------------------------------- iMAML
@@ -146,9 +141,9 @@ def _proximal_inner(
 ) -> Params:
     """``steps`` gradient steps on ``L_s(φ) + λ/2‖φ − θ‖²`` from φ = θ (no history kept)."""
     phi = theta
-    for _ in range(steps):
-        g = tree_detach(grad(loss)(phi, support))
-        phi = {k: phi[k] - lr * (g[k] + lam * (phi[k] - theta[k])) for k in phi}
+    for _ in range(steps):  # φ ← φ − α(∇L_s(φ) + λ(φ − θ))
+        g = tree_axpy(-lam, theta, tree_axpy(lam, phi, tree_detach(grad(loss)(phi, support))))
+        phi = tree_axpy(-lr, g, phi)
     return phi
 
 
@@ -169,13 +164,12 @@ def _cg(
     """
 
     def apply_a(v: Params) -> Params:
-        hv = _hvp(loss, phi, support, v)
-        return {k: v[k] + hv[k].detach() / lam for k in v}
+        return tree_axpy(1 / lam, tree_detach(_hvp(loss, phi, support, v)), v)
 
-    x = {k: torch.zeros_like(v) for k, v in rhs.items()}
+    x = tree_zeros_like(rhs)
     r = dict(rhs)
     p = dict(rhs)
-    rs = _dot(r, r)
+    rs = tree_vdot(r, r)
     b_norm = rs.sqrt()
     zero = torch.zeros_like(rs)
     iterations = 0
@@ -191,15 +185,15 @@ def _cg(
             if converged:
                 break
         ap = apply_a(p)
-        curvature = _dot(p, ap)
+        curvature = tree_vdot(p, ap)
         ok = curvature > 0
         alpha = torch.where(ok, rs / torch.where(ok, curvature, torch.ones_like(rs)), zero)
-        x = {k: x[k] + alpha * p[k] for k in x}
-        r = {k: r[k] - alpha * ap[k] for k in r}
-        rs_new = _dot(r, r)
+        x = tree_axpy(alpha, p, x)
+        r = tree_axpy(-alpha, ap, r)
+        rs_new = tree_vdot(r, r)
         nonzero = rs > 0
         beta = torch.where(nonzero, rs_new / torch.where(nonzero, rs, torch.ones_like(rs)), zero)
-        p = {k: r[k] + beta * p[k] for k in p}
+        p = tree_axpy(beta, p, r)
         rs = rs_new
         iterations += 1
     positive = b_norm > 0
@@ -241,7 +235,8 @@ def imaml(
     early exit); an iteration that has already converged (zero residual) or meets non-positive
     curvature leaves x unchanged instead of dividing by zero. With ``cg_tol > 0`` (outside
     vmap) CG stops as soon as ``‖r‖ ≤ cg_tol·‖b‖``; under vmap that raises a ValueError. The
-    full :class:`IMAMLResult` holds a Python int, so vmap :func:`imaml_grad` rather than this.
+    full :class:`IMAMLResult` holds a Python int, so vmap a function that returns ``imaml(...).grad``
+    rather than this one.
 
     CG needs ``I + H_s(φ)/λ`` positive definite, i.e. λ > −(smallest eigenvalue of H_s(φ)); the
     inner steps converge for ``0 < lr < 2/(λ + largest eigenvalue of H_s)``. Check
@@ -278,53 +273,33 @@ def imaml(
     """
     loss = checked_loss(loss_fn)
     params = tree_detach(check_params(params))
-    support = check_batch(support, "support")
-    query = check_batch(query, "query")
+    like = reference_tensor(params)
+    support = check_batch(support, "support", like)
+    query = check_batch(query, "query", like)
     lam = check_positive(lam, "lam")
     lr = check_lr(lr)
     steps = check_steps(steps)
     cg_steps = check_positive_int(cg_steps, "cg_steps")
-    cg_tol = _check_tol(cg_tol, "cg_tol")
+    cg_tol = check_nonnegative(cg_tol, "cg_tol")
+    return _imaml(loss, params, support, query, lam, lr, steps, cg_steps, cg_tol)
+
+
+def _imaml(
+    loss: LossFn,
+    params: Params,
+    support: Batch,
+    query: Batch,
+    lam: float,
+    lr: float,
+    steps: int,
+    cg_steps: int,
+    cg_tol: float,
+) -> IMAMLResult:
+    """The unchecked core of :func:`imaml` (vmap-safe with ``cg_tol=0``)."""
     phi = _proximal_inner(loss, params, support, lam, lr, steps)
     rhs = tree_detach(grad(loss)(phi, query))
     g, iterations, residual = _cg(loss, phi, support, rhs, lam, cg_steps, cg_tol)
     return IMAMLResult(tree_detach(g), tree_detach(phi), iterations, residual.detach())
-
-
-def imaml_grad(
-    loss_fn: LossFn,
-    params: Mapping[str, Tensor],
-    support: Batch,
-    query: Batch,
-    *,
-    lam: float,
-    lr: float,
-    steps: int,
-    cg_steps: int = 10,
-    cg_tol: float = 0.0,
-) -> Params:
-    r"""The implicit MAML meta-gradient ``(I + H_s(φ)/λ)⁻¹ ∇L_q(φ)``: ``imaml(...).grad``.
-
-    Works under ``torch.func.vmap`` with ``cg_tol=0.0`` (the default: exactly ``cg_steps`` CG
-    iterations, no data-dependent control flow). Args as :func:`imaml`.
-
-    Example:
-        >>> L = lambda p, b: 0.5 * ((p["w"] - b[1]) ** 2).sum()
-        >>> s, q = (torch.zeros(1), torch.zeros(1)), (torch.zeros(1), -torch.ones(1))
-        >>> imaml_grad(L, {"w": torch.tensor(2.0)}, s, q, lam=1.0, lr=0.5, steps=1)
-        {'w': tensor(1.)}
-    """
-    return imaml(
-        loss_fn,
-        params,
-        support,
-        query,
-        lam=lam,
-        lr=lr,
-        steps=steps,
-        cg_steps=cg_steps,
-        cg_tol=cg_tol,
-    ).grad
 
 
 # ---------------------------------------------------------------------------------------- ES-MAML
@@ -394,13 +369,14 @@ def es_maml_grad(
     """
     loss = checked_loss(loss_fn)
     params = tree_detach(check_params(params))
-    support = check_batch(support, "support")
-    query = check_batch(query, "query")
+    like = reference_tensor(params)
+    support = check_batch(support, "support", like)
+    query = check_batch(query, "query", like)
     lr = check_lr(lr)
     steps = check_steps(steps)
     num_samples = check_positive_int(num_samples, "num_samples")
     sigma = check_positive(sigma, "sigma")
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
 
     flat = flatten_params(params)
     generator = torch.Generator().manual_seed(seed)
@@ -557,6 +533,5 @@ __all__ = [
     "compare_meta_gradient",
     "es_maml_grad",
     "imaml",
-    "imaml_grad",
     "reptile_grad",
 ]

@@ -13,8 +13,8 @@ are fine-tuned at once with ``torch.func.vmap``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -22,13 +22,13 @@ from torch.func import grad, vmap
 
 from ._checks import (
     check_lr,
+    check_meta_batch,
     check_params,
-    check_positive_int,
     check_steps,
-    check_task_batches,
     checked_loss,
+    reference_tensor,
 )
-from ._params import Batch, LossFn, Params, tree_detach
+from ._params import Batch, LossFn, Params, tree_axpy, tree_detach
 
 Z95 = 1.96
 
@@ -37,12 +37,12 @@ class EvalResult(NamedTuple):
     """Query losses after 0 … k fine-tuning steps.
 
     Attributes:
-        mse: (k+1,) mean query loss over tasks after j steps.
-        ci95: (k+1,) half-width of the 95 % interval, ``1.96·σ/√N``.
+        loss: (k+1,) mean query loss over tasks after j steps (the MSE for a squared error).
+        ci95: (k+1,) half-width of the 95 % interval over tasks, ``1.96·σ/√N``.
         losses: (N, k+1) every task's query loss after j steps.
     """
 
-    mse: Tensor
+    loss: Tensor
     ci95: Tensor
     losses: Tensor
 
@@ -64,8 +64,7 @@ def _finetune_curve(loss: LossFn, lr: float, steps: int):
     def task(theta: Params, support: Batch, query: Batch) -> Tensor:
         curve = [loss(theta, query)]
         for _ in range(steps):
-            g = grad(loss)(theta, support)
-            theta = {k: theta[k] - lr * g[k] for k in theta}
+            theta = tree_axpy(-lr, grad(loss)(theta, support), theta)
             curve.append(loss(theta, query))
         return torch.stack(curve)
 
@@ -93,7 +92,7 @@ def evaluate(
         steps: k ≥ 0.
 
     Returns:
-        :class:`EvalResult` with ``mse``, ``ci95`` of shape (k+1,) and ``losses`` (N, k+1).
+        :class:`EvalResult` with ``loss``, ``ci95`` of shape (k+1,) and ``losses`` (N, k+1).
 
     Example:
         >>> L = lambda p, b: ((b[0] * p["w"] - b[1]) ** 2).mean()
@@ -104,49 +103,14 @@ def evaluate(
     """
     loss = checked_loss(loss_fn)
     params = tree_detach(check_params(params))
-    support, query = check_task_batches(support, query)
+    support, query = check_meta_batch(support, query, reference_tensor(params))
     lr, steps = check_lr(lr), check_steps(steps)
     with torch.no_grad():
         losses = vmap(_finetune_curve(loss, lr, steps), in_dims=(None, 0, 0))(
             params, support, query
         )
-    mse, ci95 = mean_ci95(losses)
-    return EvalResult(mse, ci95, losses)
+    mean, ci95 = mean_ci95(losses)
+    return EvalResult(mean, ci95, losses)
 
 
-def evaluate_tasks(
-    loss_fn: LossFn,
-    params: Mapping[str, Tensor],
-    sample_tasks: Callable[..., Any],
-    *,
-    num_tasks: int = 600,
-    lr: float,
-    steps: int = 10,
-    seed: int = 1,
-) -> EvalResult:
-    """:func:`evaluate` on ``num_tasks`` fresh tasks from ``sample_tasks(n, generator=g, dtype=d)``.
-
-    The generator is seeded with ``seed`` (the paper's ``main.py`` seeds its test tasks with 1),
-    so every method is scored on the same tasks; d is the dtype of ``params``.
-
-    Example:
-        >>> from mamlkit import SinusoidFamily, init_mlp, make_mse_loss, mlp
-        >>> r = evaluate_tasks(make_mse_loss(mlp), init_mlp((1, 8, 1)), SinusoidFamily(k_support=5),
-        ...                    num_tasks=10, lr=0.01, steps=2)
-        >>> r.mse.shape, r.losses.shape
-        (torch.Size([3]), torch.Size([10, 3]))
-    """
-    params = check_params(params)
-    num_tasks = check_positive_int(num_tasks, "num_tasks")
-    if not callable(sample_tasks):
-        raise TypeError(f"sample_tasks must be callable, got {type(sample_tasks).__name__}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    dtype = next(iter(params.values())).dtype
-    tasks = sample_tasks(num_tasks, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-    support = tuple(t.to(dtype) for t in tasks.support)
-    query = tuple(t.to(dtype) for t in tasks.query)
-    return evaluate(loss_fn, params, support, query, lr=lr, steps=steps)
-
-
-__all__ = ["EvalResult", "evaluate", "evaluate_tasks", "mean_ci95"]
+__all__ = ["EvalResult", "evaluate", "mean_ci95"]

@@ -1,82 +1,176 @@
-r"""The meta-batch gradient: one call, every method, all tasks at once with ``torch.func.vmap``.
+r"""The meta-batch gradient: one call, every method of the table, all tasks at once.
 
 For a meta-batch of T tasks with support sets ``(x_s, y_s)`` and query sets ``(x_q, y_q)``
 stacked along a leading task dimension, the meta-gradient is the task average
 
 .. math:: g = \frac1T \sum_{i=1}^{T} g_i(θ; \mathcal{D}^s_i, \mathcal{D}^q_i),
 
-where ``g_i`` is the per-task gradient of the chosen method (MAML, FOMAML, Reptile, iMAML).
-Two paths, one answer: for the built-in MLP with a squared-error loss (``make_mse_loss(mlp)``)
-the hand-written batched backward of ``mamlkit._fast`` (no autograd, no vmap; about 4× faster
-than vmap, see ``benchmarks/``); for any other loss the per-task engines mapped over tasks with
-``torch.func.vmap`` (no Python loop over tasks). Tests hold the two paths equal in float64.
+with ``g_i`` the per-task rule of the chosen method (``mamlkit._methods``). Inputs are checked
+once, here, by ``mamlkit._checks``, whatever backend then computes it:
+
+- ``"vmap"``: ``torch.func.vmap`` over the per-task rules — any model, any loss;
+- ``"fused"``: the hand-written kernels of ``mamlkit._fused`` — ``make_mse_loss(mlp)`` only;
+- ``"compiled"``: the fused kernels compiled ahead of time when the problem is fused-eligible,
+  else ``torch.compile`` of the vmap path (any model and loss);
+- ``"auto"``: ``"fused"`` when eligible, else ``"vmap"`` (a single call never compiles).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
+import torch
 from torch import Tensor
-from torch.func import grad_and_value, vmap
+from torch.func import vmap
 
+from . import _compiled, _fused
 from ._checks import (
     check_lr,
+    check_meta_batch,
     check_params,
-    check_positive,
-    check_positive_int,
     check_steps,
-    check_task_batches,
     checked_loss,
+    reference_tensor,
 )
-from ._estimators import imaml, reptile_grad
-from ._fast import fast_meta_batch_grad, supports_fast_path
-from ._metagrad import _adapt
+from ._methods import Method, get_method
 from ._params import Batch, LossFn, Params, tree_detach
 
-Method = Literal["maml", "fomaml", "reptile", "imaml"]
-METHODS: tuple[str, ...] = ("maml", "fomaml", "reptile", "imaml")
+Backend = Literal["auto", "vmap", "fused", "compiled"]
+BACKENDS: tuple[str, ...] = ("auto", "vmap", "fused", "compiled")
 
 
-def _maml_task(loss: LossFn, lr: float, steps: int):
-    def task(theta: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
-        def meta_objective(p: Params) -> Tensor:
-            return loss(_adapt(loss, p, support, lr, steps, first_order=False), query)
-
-        return grad_and_value(meta_objective)(theta)
-
-    return task
+def _signature(support: Batch, query: Batch) -> tuple[Any, ...]:
+    return tuple((t.shape, t.dtype, t.device) for t in (*support, *query))
 
 
-def _fomaml_task(loss: LossFn, lr: float, steps: int):
-    def task(theta: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
-        theta_k = tree_detach(_adapt(loss, theta, support, lr, steps, first_order=True))
-        return grad_and_value(loss)(theta_k, query)
+@dataclass
+class MetaBatchPlan:
+    """A checked meta-batch problem, ready to run many times (what ``meta_train`` holds).
 
-    return task
+    Build it with :func:`plan_meta_batch`; call it with ``(params, support, query)`` of the
+    same keys, shapes, dtype and device. A meta-batch of other shapes or dtypes is checked in
+    full again, so the error contract never weakens.
+    """
+
+    method: Method
+    loss: LossFn
+    loss_fn: Any
+    lr: float
+    steps: int
+    hypers: dict[str, Any]
+    backend: str
+    keys: list[str]
+    spec: _fused.MLPSpec | None
+    signature: tuple[Any, ...]
+    _like: Tensor = field(repr=False)
+    _runner: Any = field(default=None, repr=False)
+
+    def __call__(self, params: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
+        if _signature(support, query) != self.signature:
+            support, query = check_meta_batch(support, query, self._like)
+            self._check_shapes(support, query)
+            self.signature = _signature(support, query)
+            self._runner = None
+        if self.backend == "vmap":
+            return self._vmap(params, support, query)
+        if self.spec is None:  # compiled, any model
+            fn = _compiled.compiled_vmap(self._key(), self._vmap)
+            return fn(params, support, query)
+        problem = _problem(self.spec, support, query)
+        layers = [params[k] for pair in self.spec.names for k in pair]
+        if self.backend == "fused":
+            with torch.no_grad():
+                gw, gb, losses = _fused.run(self.method.name, self.spec, layers[0::2],
+                                            layers[1::2], problem, self.lr, self.steps,
+                                            self.hypers, loops=False)
+            out = dict(zip(self._canonical, (t for pair in zip(gw, gb) for t in pair)))
+            return {k: out[k] for k in self.keys}, losses
+        if self._runner is None:
+            self._runner = _compiled.fused_runner(self.method.name, self.spec, self.lr,
+                                                  self.steps, self.hypers, (*layers, *problem))
+        *grads, losses = self._runner(*layers, *problem)
+        out = dict(zip(self._canonical, grads))
+        return {k: out[k] for k in self.keys}, losses
+
+    @property
+    def _canonical(self) -> list[str]:
+        assert self.spec is not None
+        return [k for pair in self.spec.names for k in pair]
+
+    def _vmap(self, params: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
+        task = self.method.rule(self.loss, self.lr, self.steps, **self.hypers)
+        grads, losses = vmap(task, in_dims=(None, 0, 0))(tree_detach(params), support, query)
+        return {k: g.mean(0) for k, g in tree_detach(grads).items()}, losses.detach()
+
+    def _key(self) -> tuple[Any, ...]:
+        return (id(self.loss_fn), self.loss_fn, self.method.name, self.lr, self.steps,
+                tuple(sorted(self.hypers.items())))
+
+    def _check_shapes(self, support: Batch, query: Batch) -> None:
+        if self.spec is not None:
+            for x, y in (support, query):
+                _fused.fused_data_shapes(self.spec, x, y)
 
 
-def _reptile_task(loss: LossFn, lr: float, steps: int):
-    def task(theta: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
-        g = reptile_grad(loss, theta, support, lr=lr, steps=steps)
-        theta_k = {k: theta[k] - lr * g[k] for k in theta}  # (θ − θ_k)/α = g
-        return g, loss(theta_k, query)
+def _problem(spec: _fused.MLPSpec, support: Batch, query: Batch) -> _fused.Problem:
+    """The meta-batch as the kernels want it: (T, N, in) and (T, N, out), contiguous."""
+    parts = []
+    for x, y in (support, query):
+        if x.ndim != 3 or y.ndim != 3:
+            x, y = x.reshape(x.shape[0], -1, x.shape[-1]), y.reshape(y.shape[0], -1, y.shape[-1])
+        parts += [x.contiguous(), y.contiguous()]
+    return _fused.Problem(*parts)
 
-    return task
+
+def resolve_backend(backend: object, loss_fn: object, params: Params) -> tuple[str, _fused.MLPSpec | None]:
+    """The concrete backend for ``backend`` and the fused spec it needs (see the module doc)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "vmap":
+        return "vmap", None
+    if backend == "fused":
+        return "fused", _fused.fused_spec(loss_fn, params)  # ValueError saying why not
+    try:
+        spec = _fused.fused_spec(loss_fn, params)
+    except ValueError:
+        spec = None
+    if backend == "compiled":
+        return "compiled", spec
+    return ("fused", spec) if spec is not None else ("vmap", None)
 
 
-def _imaml_task(loss: LossFn, lr: float, steps: int, lam: float, cg_steps: int):
-    def task(theta: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
-        result = imaml(
-            loss, theta, support, query, lam=lam, lr=lr, steps=steps, cg_steps=cg_steps, cg_tol=0.0
-        )
-        return result.grad, loss(result.phi, query)
-
-    return task
+def plan_meta_batch(
+    method: object,
+    loss_fn: object,
+    params: Mapping[str, Tensor],
+    support: object,
+    query: object,
+    *,
+    lr: object,
+    steps: object,
+    backend: object = "auto",
+    hypers: Mapping[str, Any] | None = None,
+) -> MetaBatchPlan:
+    """Check every input once and return the :class:`MetaBatchPlan` that computes it."""
+    entry = get_method(method)
+    loss = checked_loss(loss_fn)
+    params = check_params(params)
+    like = reference_tensor(params)
+    support, query = check_meta_batch(support, query, like)
+    lr = check_lr(lr)
+    steps = entry.check_steps(check_steps(steps))
+    checked = entry.resolve(hypers or {})
+    concrete, spec = resolve_backend(backend, loss_fn, params)
+    plan = MetaBatchPlan(entry, loss, loss_fn, lr, steps, checked, concrete, list(params), spec,
+                         _signature(support, query), like)
+    plan._check_shapes(support, query)
+    return plan
 
 
 def meta_batch_grad(
-    method: Method,
+    method: str,
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     support: Batch,
@@ -84,45 +178,45 @@ def meta_batch_grad(
     *,
     lr: float,
     steps: int = 1,
-    lam: float = 1.0,
-    cg_steps: int = 5,
+    backend: Backend = "auto",
+    **hypers: Any,
 ) -> tuple[Params, Tensor]:
     r"""The task-averaged meta-gradient of ``method`` and the per-task query losses.
 
     Per task i (support ``S_i``, query ``Q_i``, θ_k = k SGD steps of size α on ``S_i``):
 
-    - ``"maml"``: ``dL_{Q_i}(θ_k)/dθ = (I − αH_{S_i}(θ_0))ᵀ⋯(I − αH_{S_i}(θ_{k−1}))ᵀ∇L_{Q_i}(θ_k)``,
-      computed with its value in one ``grad_and_value`` pass (no extra forward);
+    - ``"maml"``: ``(I − αH_{S_i}(θ_0))ᵀ⋯(I − αH_{S_i}(θ_{k−1}))ᵀ∇L_{Q_i}(θ_k)``;
     - ``"fomaml"``: ``∇L_{Q_i}(θ_k)`` (every inner Jacobian replaced by I);
-    - ``"reptile"``: ``mamlkit.reptile_grad``, ``(θ − θ_k)/α`` after k steps on the support
-      set (Reptile has no outer evaluation set: the query set enters only ``query_losses``);
-    - ``"imaml"``: ``mamlkit.imaml``'s implicit gradient ``(I + H_{S_i}(φ)/λ)⁻¹∇L_{Q_i}(φ)``,
-      φ from ``steps`` gradient steps of size ``lr`` on ``L_{S_i}(φ) + λ/2‖φ − θ‖²`` and
-      ``cg_steps`` conjugate-gradient iterations (``cg_tol=0``: vmap-safe).
+    - ``"reptile"``: ``(θ − θ_k)/α = Σ_j ∇L_{S_i}(θ_j)`` (the query set only scores);
+    - ``"imaml"``: ``(I + H_{S_i}(φ)/λ)⁻¹∇L_{Q_i}(φ)``, φ from ``steps`` steps of size ``lr`` on
+      ``L_{S_i}(φ) + λ/2‖φ − θ‖²``, ``cg_steps`` conjugate-gradient iterations;
+    - ``"pretrained"``: ``∇_θ L(θ; S_i ∪ Q_i)``, joint training with no inner loop.
 
-    The result is ``g = (1/T) Σ_i g_i``. For ``make_mse_loss(mlp)`` (ReLU or tanh) the call
-    takes the fast batched path of ``mamlkit._fast``; any other loss goes through ``vmap``. ``query_losses[i]`` is the query loss at the method's
-    own adapted parameters, at no extra cost: ``L_{Q_i}(θ_k)`` after ``steps`` plain SGD steps
-    of size ``lr`` on ``S_i`` for MAML, FOMAML and Reptile (the same quantity for all three),
-    ``L_{Q_i}(φ)`` for iMAML.
+    The result is ``g = (1/T) Σ_i g_i``; ``query_losses[i]`` is ``L_{Q_i}(θ_k)`` (``L_{Q_i}(φ)``
+    for iMAML), the post-adaptation loss at no extra cost (after first-order steps for
+    ``"pretrained"``, as a progress measure).
 
     Args:
-        method: ``"maml"``, ``"fomaml"``, ``"reptile"`` or ``"imaml"``.
+        method: a key of :data:`mamlkit.METHODS`.
         loss_fn: ``loss_fn(params, batch)`` for one task, returning a scalar tensor.
         params: θ, a ``dict[str, Tensor]``; never modified.
-        support: ``(x, y)`` with a leading task dimension: shapes (T, K_s, …).
-        query: ``(x, y)`` with shapes (T, K_q, …), the same T.
+        support: ``(x, y)`` with x (T, K_s, features…) and y (T, K_s, …).
+        query: ``(x, y)`` with the same T.
         lr: the inner step size α.
         steps: the number of inner steps k (≥ 1 for Reptile and iMAML).
-        lam: iMAML's proximal strength λ > 0 (ignored by the other methods).
-        cg_steps: iMAML's conjugate-gradient iterations (ignored by the other methods).
+        backend: ``"auto"`` (``"fused"`` when eligible, else ``"vmap"``), ``"vmap"``,
+            ``"fused"`` (``make_mse_loss(mlp)`` only; anything else is a ``ValueError`` saying
+            why) or ``"compiled"`` (compiled once per problem and cached; any model).
+        **hypers: the method's own hyper-parameters (iMAML: ``lam=1.0``, ``cg_steps=5``); a
+            keyword the method does not take is a ``TypeError``.
 
     Returns:
         ``(grads, query_losses)``: a dict shaped like ``params`` (no autograd history) and a
         (T,) tensor.
 
     Raises:
-        ValueError: unknown ``method``, mismatched task dimensions, bad ``lr``/``steps``.
+        ValueError: unknown ``method`` or ``backend``, malformed meta-batches, bad values.
+        TypeError: wrong types, an unknown hyper-parameter, data of another dtype.
 
     Example:
         >>> L = lambda p, b: ((b[0] * p["w"] - b[1]) ** 2).mean()
@@ -131,45 +225,9 @@ def meta_batch_grad(
         >>> g["w"], losses                      # θ′ = 0.8, g = (1 − 0.2)·2·0.8
         (tensor(1.2800), tensor([0.6400, 0.6400, 0.6400]))
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    loss = checked_loss(loss_fn)
-    params = tree_detach(check_params(params))
-    support, query = check_task_batches(support, query)
-    lr, steps = check_lr(lr), check_steps(steps)
-    if supports_fast_path(loss_fn, params):
-        return fast_meta_batch_grad(
-            method, loss_fn, params, support, query, lr=lr, steps=steps, lam=lam, cg_steps=cg_steps
-        )
-    return _vmap_meta_batch_grad(
-        method, loss, params, support, query, lr=lr, steps=steps, lam=lam, cg_steps=cg_steps
-    )
+    plan = plan_meta_batch(method, loss_fn, params, support, query, lr=lr, steps=steps,
+                           backend=backend, hypers=hypers)
+    return plan(dict(params), support, query)
 
 
-def _vmap_meta_batch_grad(
-    method: Method,
-    loss: LossFn,
-    params: Params,
-    support: Batch,
-    query: Batch,
-    *,
-    lr: float,
-    steps: int,
-    lam: float = 1.0,
-    cg_steps: int = 5,
-) -> tuple[Params, Tensor]:
-    """The general path of :func:`meta_batch_grad` (any loss): the per-task engines under vmap."""
-    if method == "maml":
-        task = _maml_task(loss, lr, steps)
-    elif method == "fomaml":
-        task = _fomaml_task(loss, lr, steps)
-    elif method == "reptile":
-        task = _reptile_task(loss, lr, check_positive_int(steps, "steps"))
-    else:
-        lam, cg_steps = check_positive(lam, "lam"), check_positive_int(cg_steps, "cg_steps")
-        task = _imaml_task(loss, lr, check_positive_int(steps, "steps"), lam, cg_steps)
-    grads, losses = vmap(task, in_dims=(None, 0, 0))(params, support, query)
-    return {k: g.mean(0) for k, g in tree_detach(grads).items()}, losses.detach()
-
-
-__all__ = ["METHODS", "meta_batch_grad"]
+__all__ = ["BACKENDS", "MetaBatchPlan", "meta_batch_grad", "plan_meta_batch", "resolve_backend"]

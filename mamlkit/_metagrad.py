@@ -22,16 +22,33 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
-from ._checks import check_batch, check_lr, check_params, check_steps, checked_loss
+from ._checks import (
+    check_batch,
+    check_bool,
+    check_lr,
+    check_params,
+    check_steps,
+    checked_loss,
+    reference_tensor,
+)
 from ._curvature import _hessian, _hvp
-from ._params import Batch, LossFn, Params, flatten_params, tree_detach, unflatten_params
+from ._params import (
+    Batch,
+    LossFn,
+    Params,
+    flatten_params,
+    tree_axpy,
+    tree_detach,
+    unflatten_params,
+)
 
 
 def _sgd_step(loss: LossFn, params: Params, batch: Batch, lr: float, first_order: bool) -> Params:
+    """θ − lr·∇L(θ): the one inner step every engine, estimator and kernel reference uses."""
     g = grad(loss)(params, batch)
     if first_order:
         g = tree_detach(g)
-    return {k: params[k] - lr * g[k] for k in params}
+    return tree_axpy(-lr, g, params)
 
 
 def _adapt(
@@ -54,16 +71,22 @@ def _checked(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     support: Batch,
-    query: Batch | None,
+    query: Batch,
     lr: float,
     steps: int,
-    support_name: str = "support",
-) -> tuple[LossFn, Params, Batch, Batch | None, float, int]:
+) -> tuple[LossFn, Params, Batch, Batch, float, int]:
+    """The door of every two-batch engine: the query is required and checked like the support."""
+    loss, params, support, lr, steps = _checked_single(loss_fn, params, support, lr, steps, "support")
+    return loss, params, support, check_batch(query, "query", reference_tensor(params)), lr, steps
+
+
+def _checked_single(
+    loss_fn: LossFn, params: Mapping[str, Tensor], batch: Batch, lr: float, steps: int, name: str
+) -> tuple[LossFn, Params, Batch, float, int]:
     loss = checked_loss(loss_fn)
     params = check_params(params)
-    support = check_batch(support, support_name)
-    query = check_batch(query, "query") if query is not None else None
-    return loss, params, support, query, check_lr(lr), check_steps(steps)
+    batch = check_batch(batch, name, reference_tensor(params))
+    return loss, params, batch, check_lr(lr), check_steps(steps)
 
 
 def adapt(
@@ -99,9 +122,8 @@ def adapt(
         >>> adapt(L, {"w": torch.tensor([1.0])}, (torch.zeros(1), torch.zeros(1)), lr=0.5, steps=2)
         {'w': tensor([0.2500])}
     """
-    loss, params, batch, _, lr, steps = _checked(loss_fn, params, batch, None, lr, steps, "batch")
-    if not isinstance(first_order, bool):
-        raise TypeError(f"first_order must be a bool, got {type(first_order).__name__}")
+    loss, params, batch, lr, steps = _checked_single(loss_fn, params, batch, lr, steps, "batch")
+    check_bool(first_order, "first_order")
     return _adapt(loss, params, batch, lr, steps, first_order)
 
 
@@ -178,8 +200,7 @@ def maml_grad_hvp(
     path = _trajectory(loss, tree_detach(params), support, lr, steps)
     g = grad(loss)(path[-1], query)
     for theta_j in reversed(path[:-1]):
-        hg = _hvp(loss, theta_j, support, g)
-        g = {k: g[k] - lr * hg[k] for k in g}
+        g = tree_axpy(-lr, _hvp(loss, theta_j, support, g), g)
     return g
 
 
@@ -203,7 +224,7 @@ def inner_jacobian(
         tensor([[0.2500, 0.0000],
                 [0.0000, 0.2500]])
     """
-    loss, params, batch, _, lr, steps = _checked(loss_fn, params, batch, None, lr, steps, "batch")
+    loss, params, batch, lr, steps = _checked_single(loss_fn, params, batch, lr, steps, "batch")
     path = _trajectory(loss, tree_detach(params), batch, lr, steps)
     return _jacobian_product(loss, path, batch, lr)
 

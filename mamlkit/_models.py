@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ._checks import check_seed
 from ._params import Batch, ModelFn, Params
 
 Activation = Literal["relu", "tanh"]
@@ -48,7 +49,9 @@ def init_mlp(
     if scheme not in ("torch", "paper"):
         raise ValueError(f"scheme must be 'torch' or 'paper', got {scheme!r}")
     dtype = dtype or torch.get_default_dtype()
-    gen = torch.Generator().manual_seed(seed)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
+    gen = torch.Generator().manual_seed(check_seed(seed))
     params: Params = {}
     for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         if scheme == "torch":
@@ -81,7 +84,7 @@ def mlp(params: Params, x: Tensor, activation: Activation = "relu") -> Tensor:
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
-    n_layers = len(params) // 2
+    n_layers = mlp_layers(params)
     if x.ndim == 0 or x.shape[-1] != params["w0"].shape[1]:
         raise ValueError(f"x must have shape (..., {params['w0'].shape[1]}), got {tuple(x.shape)}")
     act = _ACTIVATIONS[activation]
@@ -93,12 +96,34 @@ def mlp(params: Params, x: Tensor, activation: Activation = "relu") -> Tensor:
     return h
 
 
+def mlp_layers(params: Params) -> int:
+    """The number of layers L of an :func:`init_mlp` parameter dict, after checking that it holds
+    exactly ``w0, b0, …, w{L−1}, b{L−1}`` with chained shapes (shapes only: vmap-safe)."""
+    n_layers = len(params) // 2
+    expected = [f"{p}{i}" for i in range(n_layers) for p in "wb"]
+    if n_layers == 0 or len(params) % 2 or set(params) != set(expected):
+        raise ValueError(
+            f"params must hold exactly the keys w0, b0, …, w{{L-1}}, b{{L-1}} of init_mlp, "
+            f"got {sorted(params)}"
+        )
+    fan_in = params["w0"].shape[-1] if params["w0"].ndim == 2 else None
+    for i in range(n_layers):
+        w, b = params[f"w{i}"], params[f"b{i}"]
+        if w.ndim != 2 or w.shape[1] != fan_in or b.shape != (w.shape[0],):
+            raise ValueError(
+                f"params w{i} and b{i} must have shapes (out, {fan_in}) and (out,), "
+                f"got {tuple(w.shape)} and {tuple(b.shape)}"
+            )
+        fan_in = w.shape[0]
+    return n_layers
+
+
 @dataclass(frozen=True)
 class MSELoss:
     """A squared-error ``loss_fn(params, (x, y))`` built from ``model_fn``; see :func:`make_mse_loss`.
 
-    Its fields stay inspectable, so code can recognise a known model (e.g. :func:`mlp`) and take
-    a specialised path.
+    Its fields stay inspectable: ``meta_batch_grad(..., backend="fused")`` checks that
+    ``model_fn`` is :func:`mlp` before it runs the hand-written MLP kernels.
     """
 
     model_fn: ModelFn
@@ -106,6 +131,8 @@ class MSELoss:
 
     def __call__(self, params: Params, batch: Batch) -> Tensor:
         x, y = batch
+        if not y.is_floating_point():
+            raise TypeError(f"y must be a floating-point tensor for a squared error, got {y.dtype}")
         prediction = self.model_fn(params, x)
         if prediction.shape != y.shape:
             raise ValueError(

@@ -1,4 +1,5 @@
-"""Parameters as plain ``dict[str, Tensor]`` and their flat (P,) view.
+"""Parameters as plain ``dict[str, Tensor]`` and their flat (P,) view, plus the few tree helpers
+every engine shares.
 
 The flat order is the dict's insertion order, each tensor flattened row-major, exactly as
 ``torch.cat([p.reshape(-1) for p in params.values()])``. Hessians and Jacobians returned as
@@ -45,11 +46,33 @@ def num_params(params: Mapping[str, Tensor]) -> int:
     return sum(p.numel() for p in params.values())
 
 
-def tree_add(a: Params, b: Params, scale: float = 1.0) -> Params:
-    """``a + scale·b`` key by key (a new dict; neither input is changed)."""
-    return {k: a[k] + scale * b[k] for k in a}
+def tree_axpy(scale: float | Tensor, x: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> Params:
+    """``y + scale·x`` key by key, in ``y``'s key order (a new dict; inputs unchanged).
+
+    The one home of the pattern every engine uses: an SGD step is
+    ``tree_axpy(-lr, grads, params)``.
+
+    >>> tree_axpy(-0.5, {"w": torch.tensor(2.0)}, {"w": torch.tensor(1.0)})
+    {'w': tensor(0.)}
+    """
+    return {k: y[k] + scale * x[k] for k in y}
 
 
 def tree_detach(params: Mapping[str, Tensor]) -> Params:
     """A new dict of detached views (no autograd history; storage shared, nothing copied)."""
     return {k: p.detach() for k, p in params.items()}
+
+
+def tree_zeros_like(params: Mapping[str, Tensor]) -> Params:
+    """A new dict of zeros shaped like ``params``."""
+    return {k: torch.zeros_like(p) for k, p in params.items()}
+
+
+def tree_vdot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+    """⟨a, b⟩ summed over every key (a 0-d tensor; vmap-safe)."""
+    return sum((a[k] * b[k]).sum() for k in a)  # type: ignore[return-value]
+
+
+def tree_mean(trees: list[Params]) -> Params:
+    """The key-wise mean of several dicts with the same keys."""
+    return {k: torch.stack([t[k] for t in trees]).mean(0) for k in trees[0]}

@@ -1,47 +1,52 @@
-r"""Meta-training with Adam as the meta-optimizer, the joint-training ("pretrained") baseline,
-and small checkpoints.
+r"""Meta-training with Adam: seeded, checkpointed, resumable, and safe to stop.
 
-One meta-iteration (Finn et al. 2017, Algorithm 1) draws a meta-batch of T tasks, asks
-:func:`mamlkit.meta_batch_grad` for the task-averaged meta-gradient g, and takes one Adam step
-
-.. math::
-
-    m ← β_1 m + (1 − β_1) g, \quad v ← β_2 v + (1 − β_2) g^2, \quad
-    θ ← θ − β \frac{m / (1 − β_1^t)}{\sqrt{v / (1 − β_2^t)} + ε}
-
-with the meta step size β = ``meta_lr`` and torch's defaults β_1 = 0.9, β_2 = 0.999,
-ε = 10⁻⁸ (the update of ``torch.optim.Adam``, written on plain dicts so that the caller's
-tensors are never touched).
+One meta-iteration (Finn et al. 2017, Algorithm 1) draws a meta-batch of T tasks, computes the
+task-averaged meta-gradient g of the chosen method (``mamlkit.meta_batch_grad``'s backends) and
+takes one Adam step of size β = ``meta_lr``. Everything the run depends on is recorded in its
+config (method, settings, seeds, backend, threads, torch version), and its whole state
+(parameters, Adam's moments, the iteration, the task generator, the history) goes into one
+atomically written checkpoint, so that a resumed run is bit-identical to one never stopped.
+SIGINT and SIGTERM finish the current iteration, write a checkpoint and raise
+:class:`TrainingInterrupted`; a non-finite meta-loss saves the last finite state and raises
+:class:`TrainingDiverged`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
-from collections.abc import Callable, Mapping
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from ._adam import ADAM_BETAS, ADAM_EPS, AdamState, _adam_update, _clip_global_norm, adam_init
+from ._checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
 from ._checks import (
+    check_bool,
+    check_callable,
     check_lr,
     check_params,
     check_positive,
     check_positive_int,
+    check_seed,
     check_steps,
     checked_loss,
+    reference_tensor,
 )
-from ._fast import fast_adam_step
-from ._metabatch import METHODS, meta_batch_grad
+from ._fused import fused_spec
+from ._metabatch import BACKENDS, plan_meta_batch
+from ._methods import get_method
 from ._params import LossFn, Params, tree_detach
 
-TRAIN_METHODS: tuple[str, ...] = (*METHODS, "pretrained")
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
-_METHOD_KWARGS = {"imaml": ("lam", "cg_steps")}
+AUTO_COMPILE_ITERATIONS = 20_000
+"""``backend="auto"`` compiles (for the built-in MLP) from this many iterations on: a cold
+compile costs 15–45 s, which the compiled kernels win back within about this many iterations."""
 
 
 class TrainResult(NamedTuple):
@@ -50,15 +55,31 @@ class TrainResult(NamedTuple):
     Attributes:
         params: the trained θ, new detached tensors.
         history: (iterations,) float64, the meta-batch mean of the post-adaptation query loss
-            at each iteration (before that iteration's update): ``L_q(θ_k)`` after ``steps``
-            SGD steps of size ``lr`` on the support set for every method except iMAML, whose
-            adapted parameters are its proximal solution φ (see ``meta_batch_grad``).
+            at each iteration, before that iteration's update.
         config: a JSON-ready dict of everything needed to reproduce the run.
     """
 
     params: Params
     history: Tensor
     config: dict[str, Any]
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a finished iteration (state checkpointed)."""
+
+    def __init__(self, signum: int, iteration: int, checkpoint: Path | None, result: TrainResult):
+        where = f"; checkpoint {checkpoint}" if checkpoint else ""
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after iteration "
+                         f"{iteration}{where}")
+        self.signum, self.iteration, self.checkpoint, self.result = signum, iteration, checkpoint, result
+
+
+class TrainingDiverged(FloatingPointError):
+    """The meta-loss became non-finite; the last finite state is attached (and checkpointed)."""
+
+    def __init__(self, message: str, iteration: int, checkpoint: Path | None, result: TrainResult):
+        super().__init__(message)
+        self.iteration, self.checkpoint, self.result = iteration, checkpoint, result
 
 
 def _describe(obj: object) -> Any:
@@ -73,33 +94,68 @@ def _describe(obj: object) -> Any:
     return getattr(obj, "__qualname__", None) or type(obj).__name__
 
 
-def _clip_global_norm(grads: Params, max_norm: float) -> Params:
-    r"""``g·min(1, c/(‖g‖ + 10⁻⁶))`` with ‖g‖ the L2 norm over every tensor of the dict (new tensors).
+def check_writable_folder(folder: object, name: str) -> Path:
+    """``folder`` exists or can be created, is a folder, and accepts a file — checked now, before
+    any work, with a probe file that is removed again."""
+    if not isinstance(folder, (str, Path)):
+        raise TypeError(f"{name} must be a path, got {type(folder).__name__}")
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".mamlkit-write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"{name} {str(path)!r} is not writable: {error.strerror or error}") from error
+    return path
 
-    Example:
-        >>> _clip_global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, 1.0)
-        {'a': tensor([0.6000]), 'b': tensor([0.8000])}
-    """
-    norm = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])
-    )
-    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # 1e-6 as clip_grad_norm_
-    return {k: g * scale.to(g.dtype) for k, g in grads.items()}
+
+SECOND_SIGNAL_STOPS_AT_ONCE = True
+"""In an interactive process a second Ctrl-C stops at once; experiment workers, which may get
+both the terminal's SIGINT and their parent's SIGTERM, turn this off."""
 
 
-def _check_method_kwargs(method: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    allowed = _METHOD_KWARGS.get(method, ())
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise TypeError(
-            f"method {method!r} takes no keyword argument(s) {unknown}; allowed: {list(allowed)}"
-        )
-    checked = dict(kwargs)
-    if "lam" in checked:
-        checked["lam"] = check_positive(checked["lam"], "lam")
-    if "cg_steps" in checked:
-        checked["cg_steps"] = check_positive_int(checked["cg_steps"], "cg_steps")
-    return checked
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[list[int]]:
+    """Within the block, SIGINT and SIGTERM are recorded in the yielded list instead of
+    stopping the process (a second one raises ``KeyboardInterrupt`` at once, unless
+    :data:`SECOND_SIGNAL_STOPS_AT_ONCE` is off). Only in the main thread; elsewhere signals are
+    left as they are."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if caught and SECOND_SIGNAL_STOPS_AT_ONCE:
+            raise KeyboardInterrupt
+        caught.append(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def resolve_train_backend(backend: str, loss_fn: object, params: Params, iterations: int) -> str:
+    """The concrete backend of a training run: ``"auto"`` compiles the built-in MLP from
+    :data:`AUTO_COMPILE_ITERATIONS` iterations on, runs it fused below, and vmaps anything else."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    try:
+        fused_spec(loss_fn, params)
+    except ValueError:
+        return "vmap"
+    return "compiled" if iterations >= AUTO_COMPILE_ITERATIONS else "fused"
+
+
+_RESUMABLE_KEYS = ("iterations", "checkpoint_every")  # may differ between a run and its resume
 
 
 def meta_train(
@@ -114,169 +170,219 @@ def meta_train(
     meta_lr: float,
     steps: int,
     seed: int,
+    backend: str = "auto",
+    max_grad_norm: float | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
     progress: bool = True,
     log_every: int = 100,
-    max_grad_norm: float | None = None,
-    **method_kwargs: Any,
+    on_log: Callable[[int, float], None] | None = None,
+    **hypers: Any,
 ) -> TrainResult:
     r"""Train θ with ``method`` and Adam; deterministic for a given ``seed``.
 
     Each iteration draws ``tasks = sample_tasks(meta_batch_size, generator=g, dtype=d)`` from one
-    ``torch.Generator`` seeded with ``seed`` (``tasks.support``/``tasks.query`` batched as
-    (T, K, …), e.g. :class:`mamlkit.SinusoidFamily`), computes the meta-gradient and takes an
-    Adam step of size ``meta_lr``:
-
-    - ``"maml"``, ``"fomaml"``, ``"reptile"``, ``"imaml"``: ``mamlkit.meta_batch_grad``
-      (``lam`` and ``cg_steps`` go to iMAML);
-    - ``"pretrained"``: the baseline of Finn et al. — the same network trained jointly on all
-      tasks, ``∇_θ (1/T) Σ_i L(θ; S_i ∪ Q_i)`` (plain regression on every point of the sampled
-      tasks, no inner loop), with the same optimizer and budget. (The paper's code pre-trains on
-      the K support points only; using all 2K is the fairer data budget.)
+    ``torch.Generator`` seeded with ``seed`` (``tasks.support`` and ``tasks.query`` batched as
+    (T, K, …), e.g. :class:`mamlkit.tasks.SinusoidFamily`; d is the dtype of ``params``; tensors
+    are moved to the parameters' device, never cast), computes the meta-gradient of ``method``
+    (any key of :data:`mamlkit.METHODS`, the ``"pretrained"`` joint-training baseline included)
+    and takes an Adam step of size ``meta_lr``.
 
     Args:
-        method: one of ``"maml"``, ``"fomaml"``, ``"reptile"``, ``"imaml"``, ``"pretrained"``.
+        method: a key of :data:`mamlkit.METHODS`.
         loss_fn: ``loss_fn(params, batch)`` for one task.
         params: the initial θ; never modified (training runs on copies).
         sample_tasks: ``sample_tasks(num_tasks, *, generator, dtype)`` → object with
-            ``support`` and ``query`` batched pairs, drawn in the dtype of ``params``.
+            ``support`` and ``query`` batched pairs.
         meta_batch_size: T ≥ 1 tasks per iteration.
-        iterations: the number of meta-iterations ≥ 0.
-        lr: the inner step size α (also the step size of the progress measure).
+        iterations: the number of meta-iterations ≥ 0 (the total, when resuming).
+        lr: the inner step size α.
         meta_lr: Adam's step size β > 0.
         steps: inner steps k.
-        seed: seeds the task generator.
+        seed: seeds the task generator (0 … 2⁶⁴ − 1).
+        backend: as ``meta_batch_grad``; ``"auto"`` compiles the built-in MLP from
+            :data:`AUTO_COMPILE_ITERATIONS` iterations on, uses the fused kernels below that,
+            and vmap for any other model.
+        max_grad_norm: off (``None``) or a bound c > 0 on the global L2 norm of the
+            meta-gradient, ``g ← g·min(1, c/(‖g‖ + 10⁻⁶))``, before the Adam step.
+        checkpoint_dir: where ``checkpoint.pt`` is kept (checked writable before training); it
+            is written every ``checkpoint_every`` iterations, on SIGINT/SIGTERM, on divergence
+            and at the end.
+        checkpoint_every: the period in iterations (needs ``checkpoint_dir``).
+        resume: continue the run checkpointed in ``checkpoint_dir`` (its settings must match,
+            except ``iterations``); the result is bit-identical to an uninterrupted run.
         progress: show a tqdm bar (imported only when used).
-        log_every: how often (iterations) the bar shows the running mean meta-loss.
-        max_grad_norm: off (``None``, the default) or a bound c > 0 on the global L2 norm of
-            the meta-gradient before the Adam step: ``g ← g·min(1, c/(‖g‖ + 10⁻⁶))`` (norm over all
-            parameters together, as ``torch.nn.utils.clip_grad_norm_``). Recorded in ``config``.
-        **method_kwargs: ``lam``, ``cg_steps`` for ``"imaml"``; anything else raises.
+        log_every: how often the bar (and ``on_log``) shows the running mean meta-loss.
+        on_log: called as ``on_log(iteration, running_mean)`` every ``log_every`` iterations.
+        **hypers: the method's own hyper-parameters (iMAML: ``lam``, ``cg_steps``).
 
     Returns:
         :class:`TrainResult` ``(params, history, config)``.
 
+    Raises:
+        TrainingInterrupted: after SIGINT/SIGTERM (the state is checkpointed first).
+        TrainingDiverged: a non-finite meta-loss (NaN in the data, or a diverging method);
+            ``.result`` and the checkpoint hold the last finite state.
+
     Example:
-        >>> from mamlkit import SinusoidFamily, init_mlp, make_mse_loss, mlp
+        >>> from mamlkit import init_mlp, make_mse_loss, mlp
+        >>> from mamlkit.tasks import SinusoidFamily
         >>> result = meta_train("maml", make_mse_loss(mlp), init_mlp((1, 8, 1)), SinusoidFamily(),
         ...                     meta_batch_size=4, iterations=3, lr=0.01, meta_lr=1e-3, steps=1,
         ...                     seed=0, progress=False)
         >>> result.history.shape, result.config["method"]
         (torch.Size([3]), 'maml')
     """
-    if method not in TRAIN_METHODS:
-        raise ValueError(f"method must be one of {TRAIN_METHODS}, got {method!r}")
-    checked_loss(loss_fn)  # callable check; the loss itself is checked by meta_batch_grad
+    entry = get_method(method)
+    checked_loss(loss_fn)
     theta = {k: v.detach().clone() for k, v in check_params(params).items()}
-    if not callable(sample_tasks):
-        raise TypeError(f"sample_tasks must be callable, got {type(sample_tasks).__name__}")
+    check_callable(sample_tasks, "sample_tasks", "sample_tasks(num_tasks, *, generator, dtype)")
     meta_batch_size = check_positive_int(meta_batch_size, "meta_batch_size")
     iterations = check_steps(iterations, "iterations")
     lr, meta_lr = check_lr(lr), check_positive(meta_lr, "meta_lr")
-    steps = check_steps(steps)
+    steps = entry.check_steps(check_steps(steps))
+    seed = check_seed(seed)
     log_every = check_positive_int(log_every, "log_every")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
-    method_kwargs = _check_method_kwargs(method, method_kwargs)
+    check_bool(progress, "progress")
+    check_bool(resume, "resume")
+    hypers = entry.resolve(hypers)
     if max_grad_norm is not None:
         max_grad_norm = check_positive(max_grad_norm, "max_grad_norm")
+    if checkpoint_every is not None:
+        checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
+        if checkpoint_dir is None:
+            raise ValueError("checkpoint_every needs checkpoint_dir")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume needs checkpoint_dir")
+    folder = check_writable_folder(checkpoint_dir, "checkpoint_dir") if checkpoint_dir is not None else None
+    if on_log is not None:
+        check_callable(on_log, "on_log", "on_log(iteration, running_mean)")
+    concrete = resolve_train_backend(backend, loss_fn, theta, iterations)
+    like = reference_tensor(theta)
+    dtype, device = like.dtype, like.device
 
     config: dict[str, Any] = {
-        "method": method,
+        "method": entry.name,
         "meta_batch_size": meta_batch_size,
         "iterations": iterations,
         "lr": lr,
         "meta_lr": meta_lr,
         "steps": steps,
         "seed": seed,
-        "method_kwargs": method_kwargs,
+        "hypers": hypers,
         "max_grad_norm": max_grad_norm,
+        "backend": concrete,
         "optimizer": {"name": "adam", "betas": list(ADAM_BETAS), "eps": ADAM_EPS},
         "loss": _describe(loss_fn),
         "tasks": _describe(sample_tasks),
         "param_shapes": {k: list(v.shape) for k, v in theta.items()},
-        "dtype": str(next(iter(theta.values())).dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "checkpoint_every": checkpoint_every,
     }
-    dtype = next(iter(theta.values())).dtype
-    device = next(iter(theta.values())).device
     generator = torch.Generator().manual_seed(seed)
-    state: dict[str, Any] = {
-        "t": 0,
-        "m": {k: torch.zeros_like(v) for k, v in theta.items()},
-        "v": {k: torch.zeros_like(v) for k, v in theta.items()},
-    }
+    adam = adam_init(theta)
     history = torch.empty(iterations, dtype=torch.float64)
+    start = 0
+    if resume:
+        assert folder is not None
+        state = load_checkpoint(folder)
+        _check_same_run(state.config, config, checkpoint_path(folder))
+        if state.iteration > iterations:
+            raise ValueError(f"the checkpoint in {str(folder)!r} is at iteration {state.iteration}, "
+                             f"past iterations={iterations}")
+        theta = {k: v.to(device) for k, v in state.params.items()}
+        adam = AdamState(state.adam.step, {k: v.to(device) for k, v in state.adam.m.items()},
+                         {k: v.to(device) for k, v in state.adam.v.items()})
+        generator.set_state(state.generator)
+        start = state.iteration
+        history[:start] = state.history
 
+    def snapshot(done: int, status: str) -> Checkpoint:
+        return Checkpoint(tree_detach(theta), adam, done, generator.get_state(),
+                          history[:done].clone(), config, status)
+
+    def save(done: int, status: str) -> Path | None:
+        return save_checkpoint(snapshot(done, status), folder) if folder is not None else None
+
+    def result(done: int) -> TrainResult:
+        return TrainResult(tree_detach(theta), history[:done].clone(), config)
+
+    plan = None
     bar = None
-    if progress:
+    if progress and iterations > start:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=iterations, desc=method, leave=False)
-    for it in range(iterations):
-        tasks = sample_tasks(meta_batch_size, generator=generator, dtype=dtype)
-        # tasks are drawn on the CPU (one seeded generator) and sent to the parameters' device
-        support = tuple(t.to(device=device, dtype=dtype) for t in tasks.support)
-        query = tuple(t.to(device=device, dtype=dtype) for t in tasks.query)
-        if method == "pretrained":  # plain regression on all of each task's points
-            both = (torch.cat([support[0], query[0]], 1), torch.cat([support[1], query[1]], 1))
-            grads, _ = meta_batch_grad("fomaml", loss_fn, theta, support, both, lr=lr, steps=0)
-            _, losses = meta_batch_grad(
-                "fomaml", loss_fn, theta, support, query, lr=lr, steps=steps
-            )
-        else:
-            grads, losses = meta_batch_grad(
-                method, loss_fn, theta, support, query, lr=lr, steps=steps, **method_kwargs
-            )
-        history[it] = losses.mean().item()
-        if not math.isfinite(history[it]):
-            raise FloatingPointError(f"{method} diverged: non-finite meta-loss at iteration {it}")
-        if max_grad_norm is not None:
-            grads = _clip_global_norm(grads, max_grad_norm)
-        theta, state = fast_adam_step(theta, grads, state, meta_lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+        bar = tqdm(total=iterations, initial=start, desc=entry.name, leave=False)
+    with deferred_signals() as caught:
+        for it in range(start, iterations):
+            tasks = sample_tasks(meta_batch_size, generator=generator, dtype=dtype)
+            support = tuple(t.to(device) for t in tasks.support)
+            query = tuple(t.to(device) for t in tasks.query)
+            if plan is None:
+                plan = plan_meta_batch(entry.name, loss_fn, theta, support, query, lr=lr,
+                                       steps=steps, backend=concrete, hypers=hypers)
+            grads, losses = plan(theta, support, query)
+            value = losses.mean().item()
+            if not math.isfinite(value):
+                path = save(it, "diverged")
+                if bar is not None:
+                    bar.close()
+                raise TrainingDiverged(
+                    f"{entry.name} stopped: non-finite meta-loss at iteration {it} (a diverging "
+                    "method, or NaN/inf in the data); the last finite state is "
+                    + (f"in {path}" if path else "in .result"), it, path, result(it))
+            history[it] = value
+            if max_grad_norm is not None:
+                grads = _clip_global_norm(grads, max_grad_norm)
+            theta, adam = _adam_update(theta, grads, adam, meta_lr, ADAM_BETAS, ADAM_EPS)
+            done = it + 1
+            if bar is not None:
+                bar.update(1)
+            if done % log_every == 0:
+                running = history[done - log_every : done].mean().item()
+                if bar is not None:
+                    bar.set_postfix(meta_loss=f"{running:.4f}")
+                if on_log is not None:
+                    on_log(done, running)
+            if caught:
+                path = save(done, "interrupted")
+                if bar is not None:
+                    bar.close()
+                raise TrainingInterrupted(caught[0], done, path, result(done))
+            if checkpoint_every is not None and done % checkpoint_every == 0 and done < iterations:
+                save(done, "running")
         if bar is not None:
-            bar.update(1)
-            if (it + 1) % log_every == 0:
-                bar.set_postfix(meta_loss=f"{history[it + 1 - log_every : it + 1].mean():.4f}")
-    if bar is not None:
-        bar.close()
-    if not all(math.isfinite(float(v.abs().max())) for v in theta.values()):
-        raise FloatingPointError(f"{method} diverged: non-finite parameters after training")
-    return TrainResult(tree_detach(theta), history, config)
+            bar.close()
+        save(iterations, "finished")
+    return result(iterations)
 
 
-def save_checkpoint(result: TrainResult, directory: str | Path, *, history: bool = True) -> Path:
-    """Write ``params.pt`` (``torch.save`` of the params dict) and ``config.json`` (config and,
-    if ``history``, the history) into ``directory`` (created if needed); return the directory.
-
-    Example:
-        >>> import tempfile
-        >>> r = TrainResult({"w": torch.ones(2)}, torch.zeros(1, dtype=torch.float64), {"a": 1})
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     load_checkpoint(save_checkpoint(r, d)).params
-        {'w': tensor([1., 1.])}
-    """
-    if not isinstance(result, TrainResult):
-        raise TypeError(f"result must be a TrainResult, got {type(result).__name__}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in result.params.items()}, directory / "params.pt")
-    record = {"config": result.config, "history": result.history.tolist() if history else []}
-    (directory / "config.json").write_text(json.dumps(record, indent=1) + "\n")
-    return directory
+def _check_same_run(saved: dict[str, Any], requested: dict[str, Any], path: Path) -> None:
+    differ = sorted(k for k in set(saved) | set(requested)
+                    if k not in _RESUMABLE_KEYS and saved.get(k) != requested.get(k))
+    if differ:
+        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {requested.get(k)!r}"
+                            for k in differ[:4])
+        raise ValueError(f"cannot resume from {str(path)!r}: the settings differ ({details})")
 
 
-def load_checkpoint(directory: str | Path) -> TrainResult:
-    """Read a checkpoint written by :func:`save_checkpoint` (tensors loaded with
-    ``weights_only=True``)."""
-    directory = Path(directory)
-    for name in ("params.pt", "config.json"):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"directory {str(directory)!r} has no {name}")
-    params = torch.load(directory / "params.pt", weights_only=True)
-    record = json.loads((directory / "config.json").read_text())
-    history = torch.tensor(record["history"], dtype=torch.float64)
-    return TrainResult(check_params(params), history, record["config"])
+def trained(checkpoint: Checkpoint) -> TrainResult:
+    """The :class:`TrainResult` of a checkpoint (its parameters, history and config)."""
+    return TrainResult(checkpoint.params, checkpoint.history, checkpoint.config)
 
 
-__all__ = ["TRAIN_METHODS", "TrainResult", "load_checkpoint", "meta_train", "save_checkpoint"]
+__all__ = [
+    "AUTO_COMPILE_ITERATIONS",
+    "TrainResult",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "check_writable_folder",
+    "deferred_signals",
+    "meta_train",
+    "resolve_train_backend",
+    "trained",
+]

@@ -108,3 +108,38 @@ def test_import_mamlkit_does_not_import_matplotlib() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]", f"import mamlkit pulled in {out.stdout.strip()}"
+
+
+SUBMODULES = ("tasks", "train")
+
+
+@pytest.mark.parametrize("module", SUBMODULES)
+def test_public_submodules_list_documented_names(module: str) -> None:
+    sub = getattr(mamlkit, module)
+    assert isinstance(sub.__all__, list) and len(set(sub.__all__)) == len(sub.__all__)
+    assert inspect.getdoc(sub)
+    for name in sub.__all__:
+        value = getattr(sub, name)
+        if inspect.isfunction(value) or inspect.isclass(value):
+            assert inspect.getdoc(value), f"mamlkit.{module}.{name} has no docstring"
+        if inspect.isfunction(value):
+            _assert_fully_typed(value, f"mamlkit.{module}.{name}")
+
+
+def test_the_top_level_is_the_derivation_and_no_name_is_public_twice() -> None:
+    top = set(mamlkit.__all__)
+    for module in SUBMODULES:
+        assert not top & set(getattr(mamlkit, module).__all__), f"{module} names repeated at the top"
+    assert len(top) <= 30
+
+
+def test_import_mamlkit_is_light() -> None:
+    """sympy (a quarter of a second) and matplotlib load only when asked for."""
+    code = (
+        "import sys, mamlkit, mamlkit.tasks, mamlkit.train\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'sympy', 'matplotlib'}))\n"
+        "mamlkit.symbolic\n"
+        "print('sympy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["[]", "True"], out.stdout

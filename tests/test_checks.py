@@ -152,10 +152,10 @@ def test_make_mse_loss_refuses_broadcasting_targets_directly() -> None:
     [
         ("not a batch", TypeError, r"must be a pair \(x, y\) of tensors"),
         ((torch.zeros(N, 1),), TypeError, r"must be a pair \(x, y\) of tensors"),
-        ((torch.zeros(N, 1), np.zeros((N, 1))), TypeError, r" y must be a Tensor, got ndarray"),
+        ((torch.zeros(N, 1, dtype=F64), np.zeros((N, 1))), TypeError, r" y must be a Tensor, got ndarray"),
         (([0.0] * N, torch.zeros(N, 1)), TypeError, r" x must be a Tensor, got list"),
         (
-            (torch.tensor(1.0), torch.zeros(N, 1)),
+            (torch.tensor(1.0, dtype=F64), torch.zeros(N, 1, dtype=F64)),
             ValueError,
             r" x must have a leading batch dimension",
         ),
@@ -399,8 +399,8 @@ def test_unflatten_params_bad_vector() -> None:
 @pytest.mark.parametrize(
     ("threads", "error", "message"),
     [
-        (0, ValueError, r"^num_threads must be an int >= 1"),
-        (-1, ValueError, r"^num_threads must be an int >= 1"),
+        (0, ValueError, r"^num_threads must be >= 1, got 0"),
+        (-1, ValueError, r"^num_threads must be >= 1, got -1"),
         (True, TypeError, r"^num_threads must be an int, got bool"),
         (1.5, TypeError, r"^num_threads must be an int, got float"),
     ],

@@ -80,3 +80,78 @@ def test_main_exit_code_follows_the_checks(
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1] == f"2 passed, {code} failed"
     assert ("FAIL" in out) == bool(code)
+
+
+# ------------------------------------------------------------------------------ errors, exit codes
+
+
+def _run(*argv: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    base.pop("MAMLKIT_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "mamlkit", *argv], capture_output=True, text=True,
+                          env={**base, **(env or {})}, cwd=ROOT, timeout=timeout)
+
+
+def test_version_and_help_show_defaults() -> None:
+    assert _run("--version").stdout.strip() == f"mamlkit {mamlkit.__version__}"
+    text = _run("train", "--help").stdout
+    assert "(default: 70000)" in text and "(default: maml)" in text and "--checkpoint-every" in text
+    for line in text.splitlines():
+        if line.strip().startswith("--") and "  " in line.strip():
+            assert line.split(None, 1)[1].strip(), f"flag without help: {line}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "code", "message"),
+    [
+        (["train", "--out", "{tmp}/afile", "--iterations", "3"], None, 1, "--out '{tmp}/afile' exists and is not a folder"),
+        (["train", "--out", "{tmp}/afile/sub", "--iterations", "3"], None, 1, "is not writable"),
+        (["train", "--out", "{tmp}/o", "--lam", "2"], None, 2, "method 'maml' does not take it"),
+        (["train", "--out", "{tmp}/o", "--device", "cuda"], None, 2, "CUDA is not available"),
+        (["train", "--out", "{tmp}/o", "--seed", str(2**64)], None, 2, "torch's seed range"),
+        (["train", "--out", "{tmp}/o", "--resume"], None, 2, "no checkpoint"),
+        (["reproduce", "sinusoid", "--eval-tasks", "0"], None, 2, "must be >= 1"),
+        (["reproduce", "sinusoid", "--out", "{tmp}/afile"], None, 1, "exists and is not a folder"),
+        (["evaluate", "{tmp}/nothing"], None, 1, "no checkpoint at"),
+        (["evaluate", "{tmp}/o", "--json", "/no/such/dir/x.json"], None, 2, "cannot write"),
+        (["verify"], {"OMP_NUM_THREADS": "two"}, 1, "OMP_NUM_THREADS must be a positive integer"),
+    ],
+)
+def test_mistakes_are_one_line_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv, env, code, message
+) -> None:
+    (tmp_path / "afile").write_text("")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    monkeypatch.delenv("MAMLKIT_DEBUG", raising=False)
+    monkeypatch.delenv("MAMLKIT_NUM_THREADS", raising=False)
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+    try:
+        returncode = mamlkit._cli.main(argv)
+    except SystemExit as exit_:  # argparse's usage errors
+        returncode = exit_.code
+    stderr = capsys.readouterr().err
+    assert returncode == code, stderr
+    lines = stderr.strip().splitlines()
+    assert message.replace("{tmp}", str(tmp_path)) in lines[-1]
+    assert "Traceback" not in stderr
+    if code == 1:
+        assert len(lines) == 1 and lines[0].startswith("mamlkit: error: ")
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = _run("evaluate", str(tmp_path), env={"MAMLKIT_DEBUG": "1"})
+    assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_omp_num_threads_is_read_as_openmp_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mamlkit._runtime import threads_from_environment
+
+    monkeypatch.delenv("MAMLKIT_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")
+    assert threads_from_environment() == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "0")
+    with pytest.raises(ValueError, match="OMP_NUM_THREADS"):
+        threads_from_environment()
+    monkeypatch.setenv("MAMLKIT_NUM_THREADS", "3")
+    assert threads_from_environment() == 3

@@ -144,7 +144,7 @@ def test_hessian_flat_order_follows_dict_insertion_order() -> None:
     # L = w₀²·b + 3 b², θ = (w₀, w₁, b): the (w₀, b) entry sits at (0, 2)
     loss = lambda p, batch: p["w"][0] ** 2 * p["b"] + 3 * p["b"] ** 2  # noqa: E731
     params = {"w": torch.tensor([2.0, 5.0], dtype=F64), "b": torch.tensor(0.5, dtype=F64)}
-    batch = (torch.zeros(1), torch.zeros(1))
+    batch = (torch.zeros(1, dtype=F64), torch.zeros(1, dtype=F64))
     expected = torch.tensor([[1.0, 0.0, 4.0], [0.0, 0.0, 0.0], [4.0, 0.0, 6.0]], dtype=F64)
     torch.testing.assert_close(hessian(loss, params, batch), expected, rtol=0, atol=0)
     swapped = {"b": params["b"], "w": params["w"]}

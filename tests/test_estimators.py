@@ -22,7 +22,6 @@ from mamlkit import (
     flatten_params,
     fomaml_grad,
     imaml,
-    imaml_grad,
     init_mlp,
     make_mse_loss,
     maml_grad,
@@ -32,6 +31,11 @@ from mamlkit import (
     unflatten_params,
 )
 from mamlkit._estimators import _cg
+
+
+def imaml_grad(*args, **kwargs):
+    """``imaml(...).grad``: the gradient alone (vmap-safe with cg_tol=0)."""
+    return imaml(*args, **kwargs).grad
 
 F64 = torch.float64
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import central_difference
 from torch import Tensor
 from torch.func import grad, jacrev
 
@@ -125,17 +126,6 @@ def make_case(name: str, dtype: torch.dtype = F64, reduction: str | None = None)
 # ---------------------------------------------------------------------------------------------
 # Independent references
 # ---------------------------------------------------------------------------------------------
-
-
-def central_difference(f: Callable[[Tensor], Tensor], vector: Tensor, eps: float = 1e-6) -> Tensor:
-    """∂f/∂v by float64 central differences, one coordinate at a time (no autograd)."""
-    out = torch.empty_like(vector)
-    with torch.no_grad():
-        for i in range(vector.numel()):
-            step = torch.zeros_like(vector)
-            step[i] = eps
-            out[i] = (f(vector + step) - f(vector - step)) / (2 * eps)
-    return out
 
 
 def meta_objective(case: Case, lr: float, steps: int) -> Callable[[Tensor], Tensor]:

@@ -130,3 +130,9 @@ def test_pytest_configuration(pyproject: dict) -> None:
     options = pyproject["tool"]["pytest"]["ini_options"]
     assert "tests" in options["testpaths"]
     assert "_build" in options["norecursedirs"]
+
+
+def test_torch_floor_excludes_the_weights_only_loading_cve(pyproject: dict) -> None:
+    """torch ≤ 2.5.1 can execute code while loading with weights_only=True (CVE-2025-32434)."""
+    supported = {Requirement(d).name: Requirement(d).specifier for d in pyproject["project"]["dependencies"]}
+    assert Version("2.5.1") not in supported["torch"] and Version("2.6.0") in supported["torch"]

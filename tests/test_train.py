@@ -1,341 +1,323 @@
-"""meta_batch_grad against per-task loops, meta_train, checkpoints and evaluation."""
+"""mamlkit.train: meta_train (every method and backend), Adam, clipping, checkpoints, resume,
+signals, divergence, and evaluation — against torch.optim.Adam, clip_grad_norm_, per-task loops
+and uninterrupted runs."""
 
-import copy
+from __future__ import annotations
+
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
+from helpers import F64, task
 
-import mamlkit
-from mamlkit import (
-    SinusoidFamily,
+import mamlkit as mk
+from mamlkit import meta_batch_grad
+from mamlkit.tasks import SinusoidFamily, sample_sinusoid_tasks
+from mamlkit.train import (
+    AdamState,
+    Checkpoint,
+    CheckpointError,
+    TrainingDiverged,
+    TrainingInterrupted,
     TrainResult,
-    adapt,
+    adam_init,
+    adam_update,
+    clip_global_norm,
     evaluate,
-    evaluate_tasks,
-    fomaml_grad,
-    imaml,
-    imaml_grad,
-    init_mlp,
     load_checkpoint,
-    make_mse_loss,
-    maml_grad,
     mean_ci95,
-    meta_batch_grad,
     meta_train,
-    mlp,
-    quadratic_loss,
-    reptile_grad,
-    sample_quadratic_tasks,
-    sample_sinusoid_tasks,
     save_checkpoint,
 )
-from mamlkit._fast import fast_adam_step
 
-F64 = torch.float64
-MSE = make_mse_loss(mlp)
-TANH_MSE = make_mse_loss(lambda p, x: mlp(p, x, "tanh"))
-
-
-def sinusoid_problem(tasks=4, k=5, seed=0):
-    t = sample_sinusoid_tasks(
-        tasks, k_support=k, k_query=k + 2, generator=torch.Generator().manual_seed(seed), dtype=F64
-    )
-    return init_mlp((1, 8, 8, 1), seed=seed, dtype=F64), t.support, t.query
+MSE = mk.make_mse_loss(mk.mlp)
+TINY = {"meta_batch_size": 5, "iterations": 60, "lr": 0.01, "meta_lr": 0.01, "steps": 1,
+        "seed": 3, "progress": False}
+# a low-noise family (nearly one function), so the meta-loss falls clearly in a few iterations
+TINY_FAMILY = SinusoidFamily(k_support=5, amplitude_range=(0.9, 1.1), phase_range=(0.0, 0.3))
+HYPERS = {"imaml": {"lam": 2.0, "cg_steps": 3}}
 
 
-def quadratic_problem(tasks=4, seed=0):
-    t = sample_quadratic_tasks(tasks, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    g_query = t.query[1] + 0.3  # a different linear term on the query side
-    return {"x": torch.tensor([0.7, -0.2], dtype=F64)}, t.support, (t.query[0], g_query)
+def tiny_params():
+    return mk.init_mlp((1, 16, 1), seed=1, dtype=F64)
 
 
-def per_task(support, query, i):
-    return (support[0][i], support[1][i]), (query[0][i], query[1][i])
+def train(method="maml", **change):
+    args = TINY | {"steps": 3 if method in ("reptile", "imaml") else 1} | HYPERS.get(method, {}) | change
+    return meta_train(method, MSE, tiny_params(), args.pop("sample_tasks", TINY_FAMILY), **args)
 
 
-def reference(method, loss, params, support, query, *, lr, steps, lam=1.0, cg_steps=5):
-    """A plain Python loop over tasks with the single-task engines."""
-    grads, losses = [], []
-    for i in range(support[0].shape[0]):
-        s, q = per_task(support, query, i)
-        if method == "maml":
-            g = maml_grad(loss, params, s, q, lr=lr, steps=steps)
-        elif method == "fomaml":
-            g = fomaml_grad(loss, params, s, q, lr=lr, steps=steps)
-        elif method == "reptile":
-            g = reptile_grad(loss, params, s, lr=lr, steps=steps)
-        else:
-            g = imaml_grad(loss, params, s, q, lam=lam, lr=lr, steps=steps, cg_steps=cg_steps)
-            phi = imaml(loss, params, s, q, lam=lam, lr=lr, steps=steps, cg_steps=cg_steps).phi
-        grads.append(g)
-        adapted = phi if method == "imaml" else adapt(loss, params, s, lr=lr, steps=steps)
-        losses.append(loss(adapted, q))
-    mean = {k: torch.stack([g[k] for g in grads]).mean(0) for k in params}
-    return mean, torch.stack(losses)
+# --- meta_train ------------------------------------------------------------------------------
 
 
-# --- meta_batch_grad -------------------------------------------------------------------------
+@pytest.mark.parametrize("method", list(mk.METHODS))
+@pytest.mark.parametrize("backend", ["vmap", "fused"])
+def test_meta_train_reduces_the_meta_loss_deterministically(method, backend):
+    params = tiny_params()
+    snapshot = {k: v.clone() for k, v in params.items()}
+    run, again = train(method, backend=backend), train(method, backend=backend)
+    assert torch.equal(run.history, again.history)
+    assert all(torch.equal(run.params[k], again.params[k]) for k in params)
+    assert run.history.shape == (60,) and run.history.dtype == F64
+    assert run.history[-10:].mean() < 0.6 * run.history[:10].mean()
+    assert all(torch.equal(params[k], snapshot[k]) for k in params)
+    assert run.config["method"] == method and run.config["backend"] == backend
+    assert run.config["tasks"]["k_support"] == 5 and run.config["seed"] == 3
+    assert run.config["threads"] == torch.get_num_threads() and run.config["torch"] == torch.__version__
+    json.dumps(run.config)  # JSON-ready
 
 
-@pytest.mark.parametrize("method", ["maml", "fomaml", "reptile", "imaml"])
-@pytest.mark.parametrize("steps", [1, 3])
-@pytest.mark.parametrize("problem", ["relu", "tanh", "quadratic"])
-def test_meta_batch_grad_matches_a_loop_over_tasks(method, steps, problem):
-    if problem == "quadratic":
-        loss, (params, support, query), lr = quadratic_loss, quadratic_problem(), 0.2
-    else:
-        loss, (params, support, query), lr = (
-            (MSE if problem == "relu" else TANH_MSE),
-            sinusoid_problem(),
-            0.05,
-        )
-    grads, losses = meta_batch_grad(
-        method, loss, params, support, query, lr=lr, steps=steps, lam=2.0, cg_steps=4
-    )
-    ref_grads, ref_losses = reference(
-        method, loss, params, support, query, lr=lr, steps=steps, lam=2.0, cg_steps=4
-    )
-    for k in params:
-        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-9, atol=1e-11)
-    torch.testing.assert_close(losses, ref_losses, rtol=1e-10, atol=1e-12)
-    assert losses.shape == (support[0].shape[0],)
+def test_backends_train_to_the_same_parameters():
+    a, b = train("maml", backend="vmap", iterations=20), train("maml", backend="fused", iterations=20)
+    for k in a.params:
+        torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-9, atol=1e-11)
 
 
-def test_meta_batch_grad_maml_loss_is_the_differentiated_value():
-    params, support, query = sinusoid_problem()
-    _, losses = meta_batch_grad("maml", MSE, params, support, query, lr=0.01, steps=2)
-    for i in range(4):
-        s, q = per_task(support, query, i)
-        expected = MSE(adapt(MSE, params, s, lr=0.01, steps=2), q)
-        torch.testing.assert_close(losses[i], expected)
+def test_the_first_iterate_is_one_adam_step_of_meta_batch_grad():
+    run = train("maml", iterations=1)
+    tasks = TINY_FAMILY(5, generator=torch.Generator().manual_seed(3), dtype=F64)
+    g, losses = meta_batch_grad("maml", MSE, tiny_params(), tasks.support, tasks.query, lr=0.01)
+    for k, p in tiny_params().items():  # Adam's first step moves by lr·sign(g) (up to ε)
+        torch.testing.assert_close(run.params[k], p - 0.01 * g[k] / (g[k].abs() + 1e-8))
+    assert run.history[0].item() == pytest.approx(losses.mean().item(), rel=1e-12)
 
 
-def test_meta_batch_grad_is_pure_and_detached():
-    params, support, query = sinusoid_problem()
-    params = {k: v.requires_grad_(True) for k, v in params.items()}
-    before = copy.deepcopy({k: v.detach().clone() for k, v in params.items()})
-    frozen = dict(params)
-    for method in ("maml", "fomaml", "reptile", "imaml"):
-        grads, losses = meta_batch_grad(method, MSE, params, support, query, lr=0.01, steps=1)
-        assert all(g.grad_fn is None and not g.requires_grad for g in grads.values())
-        assert losses.grad_fn is None
-    assert params == frozen
-    assert all(
-        torch.equal(params[k].detach(), before[k]) and params[k].requires_grad for k in params
-    )
-    assert all(p.grad is None for p in params.values())
-
-
-def test_meta_batch_grad_is_the_mean_not_the_sum():
-    params, support, query = sinusoid_problem(tasks=3)
-    one, _ = meta_batch_grad("maml", MSE, params, support, query, lr=0.01)
-    tripled = tuple(torch.cat([t] * 3) for t in support), tuple(torch.cat([t] * 3) for t in query)
-    three, _ = meta_batch_grad("maml", MSE, params, *tripled, lr=0.01)
-    for k in params:
-        torch.testing.assert_close(one[k], three[k])
+def test_the_seed_changes_the_tasks():
+    assert not torch.equal(train("fomaml", iterations=3).history, train("fomaml", iterations=3, seed=4).history)
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 1e6])
-def test_meta_train_max_grad_norm_is_torch_clip_grad_norm_then_adam(max_norm):
-    """Reference: meta_batch_grad, torch.nn.utils.clip_grad_norm_ and torch.optim.Adam."""
-    params, family = tiny_params(), SinusoidFamily(k_support=5)
-    run = meta_train(
-        "maml", MSE, params, family, **(TINY | {"iterations": 3}), max_grad_norm=max_norm
-    )
-    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+def test_max_grad_norm_is_clip_grad_norm_then_torch_adam(max_norm):
+    run = train("maml", iterations=3, max_grad_norm=max_norm)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in tiny_params().items()}
     opt = torch.optim.Adam(leaves.values(), lr=TINY["meta_lr"])
     gen, norms = torch.Generator().manual_seed(TINY["seed"]), []
     for _ in range(3):
-        tasks = family(5, generator=gen, dtype=F64)
-        theta = {k: v.detach() for k, v in leaves.items()}
-        g, _ = meta_batch_grad("maml", MSE, theta, tasks.support, tasks.query, lr=0.01, steps=1)
+        tasks = TINY_FAMILY(5, generator=gen, dtype=F64)
+        g, _ = meta_batch_grad("maml", MSE, {k: v.detach() for k, v in leaves.items()},
+                               tasks.support, tasks.query, lr=0.01)
         for k, leaf in leaves.items():
             leaf.grad = g[k].clone()
         norms.append(float(torch.nn.utils.clip_grad_norm_(list(leaves.values()), max_norm)))
         opt.step()
     assert (min(norms) > max_norm) if max_norm < 1 else (max(norms) < max_norm)  # active / not
-    for k in params:
+    for k in run.params:
         torch.testing.assert_close(run.params[k], leaves[k].detach(), rtol=1e-10, atol=1e-12)
     assert run.config["max_grad_norm"] == max_norm
-    plain = meta_train("maml", MSE, params, family, **(TINY | {"iterations": 3}))
-    same = all(torch.equal(run.params[k], plain.params[k]) for k in params)
-    assert same == (max_norm > 1) and plain.config["max_grad_norm"] is None
 
 
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
         ({"method": "sgd"}, ValueError, "method must be one of"),
-        ({"lr": math.inf}, ValueError, "lr must be finite"),
-        ({"steps": -1}, ValueError, "steps must be >= 0"),
-        ({"support": "bad"}, TypeError, "support must be a pair"),
-        ({"query": (torch.zeros(3), torch.zeros(3))}, ValueError, "query x must have shape"),
-        ({"query": (torch.zeros(3, 7, 1), torch.zeros(3, 6, 1))}, ValueError, "query x and y"),
-        (
-            {"query": (torch.zeros(3, 7, 1, dtype=F64), torch.zeros(3, 7, 1, dtype=F64))},
-            ValueError,
-            "same number of tasks",
-        ),
-        ({"method": "reptile", "steps": 0}, ValueError, "steps must be >= 1"),
-        ({"method": "imaml", "lam": 0.0}, ValueError, "lam must be > 0"),
-        ({"method": "imaml", "cg_steps": 0}, ValueError, "cg_steps must be >= 1"),
-        ({"params": {}}, ValueError, "params must contain"),
-    ],
-)
-def test_meta_batch_grad_bad_inputs(change, error, match):
-    params, support, query = sinusoid_problem()
-    args = {
-        "method": "maml",
-        "params": params,
-        "support": support,
-        "query": query,
-        "lr": 0.01,
-        "steps": 1,
-    } | change
-    with pytest.raises(error, match=match):
-        meta_batch_grad(
-            args.pop("method"),
-            MSE,
-            args.pop("params"),
-            args.pop("support"),
-            args.pop("query"),
-            **args,
-        )
-
-
-# --- Adam ------------------------------------------------------------------------------------
-
-
-def test_training_adam_matches_torch_optim_adam():
-    p0 = {"w": torch.tensor([1.0, -2.0, 0.5], dtype=F64), "b": torch.tensor(0.3, dtype=F64)}
-    leaves = {k: v.clone().requires_grad_(True) for k, v in p0.items()}
-    opt = torch.optim.Adam(leaves.values(), lr=0.05)
-    params, state = (
-        p0,
-        {
-            "t": 0,
-            "m": {k: torch.zeros_like(v) for k, v in p0.items()},
-            "v": {k: torch.zeros_like(v) for k, v in p0.items()},
-        },
-    )
-    for step in range(5):
-        g = {
-            "w": torch.tensor([0.1, -3.0, 2.0], dtype=F64) * (step + 1),
-            "b": torch.tensor(-0.7, dtype=F64),
-        }
-        for k, leaf in leaves.items():
-            leaf.grad = g[k].clone()
-        opt.step()
-        params, state = fast_adam_step(params, g, state, 0.05)
-    for k in p0:
-        torch.testing.assert_close(params[k], leaves[k].detach(), rtol=1e-12, atol=1e-14)
-
-
-# --- meta_train ------------------------------------------------------------------------------
-
-TINY = {
-    "meta_batch_size": 5,
-    "iterations": 60,
-    "lr": 0.01,
-    "meta_lr": 0.01,
-    "steps": 1,
-    "seed": 3,
-    "progress": False,
-}
-
-
-# a low-noise family (nearly one function), so the meta-loss falls clearly in a few iterations
-TINY_FAMILY = SinusoidFamily(k_support=5, amplitude_range=(0.9, 1.1), phase_range=(0.0, 0.3))
-
-
-def tiny_params():
-    return init_mlp((1, 16, 1), seed=1, dtype=F64)
-
-
-@pytest.mark.parametrize("method", ["maml", "fomaml", "reptile", "imaml", "pretrained"])
-def test_meta_train_reduces_the_meta_loss_deterministically(method):
-    params = tiny_params()
-    snapshot = {k: v.clone() for k, v in params.items()}
-    kwargs = {"lam": 2.0, "cg_steps": 3} if method == "imaml" else {}
-    steps = 3 if method in ("reptile", "imaml") else 1
-    run = meta_train(method, MSE, params, TINY_FAMILY, **(TINY | {"steps": steps}), **kwargs)
-    again = meta_train(method, MSE, params, TINY_FAMILY, **(TINY | {"steps": steps}), **kwargs)
-    assert torch.equal(run.history, again.history)
-    assert all(torch.equal(run.params[k], again.params[k]) for k in params)
-    assert run.history.shape == (60,) and run.history.dtype == F64
-    assert run.history[-10:].mean() < 0.6 * run.history[:10].mean()
-    assert all(torch.equal(params[k], snapshot[k]) for k in params)  # caller's params untouched
-    assert run.config["method"] == method and run.config["tasks"]["k_support"] == 5
-    json.dumps(run.config)  # JSON-ready
-
-
-def test_meta_train_seed_changes_the_tasks():
-    a = meta_train(
-        "fomaml", MSE, tiny_params(), SinusoidFamily(k_support=5), **(TINY | {"iterations": 3})
-    )
-    b = meta_train(
-        "fomaml",
-        MSE,
-        tiny_params(),
-        SinusoidFamily(k_support=5),
-        **(TINY | {"iterations": 3, "seed": 4}),
-    )
-    assert not torch.equal(a.history, b.history)
-
-
-def test_meta_train_first_iterate_is_one_adam_step_of_meta_batch_grad():
-    params, family = tiny_params(), SinusoidFamily(k_support=5)
-    run = meta_train("maml", MSE, params, family, **(TINY | {"iterations": 1}))
-    tasks = family(5, generator=torch.Generator().manual_seed(3), dtype=F64)
-    g, losses = meta_batch_grad("maml", MSE, params, tasks.support, tasks.query, lr=0.01, steps=1)
-    # Adam's first step moves every coordinate by lr·sign(g) (up to ε)
-    for k in params:
-        torch.testing.assert_close(run.params[k], params[k] - 0.01 * g[k] / (g[k].abs() + 1e-8))
-    assert run.history[0].item() == pytest.approx(losses.mean().item(), rel=1e-12)
-
-
-@pytest.mark.parametrize(
-    ("change", "error", "match"),
-    [
-        ({"method": "sgd"}, ValueError, "method must be one of"),
-        ({"meta_batch_size": 0}, ValueError, "meta_batch_size"),
-        ({"iterations": -1}, ValueError, "iterations"),
+        ({"meta_batch_size": 0}, ValueError, "meta_batch_size must be >= 1"),
+        ({"iterations": -1}, ValueError, "iterations must be >= 0"),
         ({"meta_lr": 0.0}, ValueError, "meta_lr must be > 0"),
         ({"seed": 1.5}, TypeError, "seed must be an int"),
+        ({"seed": -1}, ValueError, r"seed must be in 0 … 2\*\*64 - 1"),
+        ({"seed": 2**64}, ValueError, r"seed must be in 0 … 2\*\*64 - 1"),
         ({"log_every": 0}, ValueError, "log_every"),
         ({"lam": 1.0}, TypeError, "takes no keyword"),
         ({"method": "imaml", "lam": -1.0}, ValueError, "lam must be > 0"),
+        ({"method": "reptile", "steps": 0}, ValueError, "steps must be >= 1 for 'reptile'"),
         ({"sample_tasks": 3}, TypeError, "sample_tasks must be callable"),
         ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm must be > 0"),
         ({"max_grad_norm": "1"}, TypeError, "max_grad_norm"),
+        ({"backend": "gpu"}, ValueError, "backend must be one of"),
+        ({"checkpoint_every": 5}, ValueError, "checkpoint_every needs checkpoint_dir"),
+        ({"resume": True}, ValueError, "resume needs checkpoint_dir"),
+        ({"checkpoint_dir": "/proc/no-such/x"}, ValueError, "checkpoint_dir .* is not writable"),
+        ({"progress": 1}, TypeError, "progress must be a bool"),
     ],
 )
-def test_meta_train_bad_inputs(change, error, match):
-    args = {"method": "maml", "sample_tasks": SinusoidFamily()} | TINY | change
+def test_meta_train_bad_inputs_fail_before_any_iteration(change, error, match):
+    change = dict(change)
+    method = change.pop("method", "maml")
     with pytest.raises(error, match=match):
-        meta_train(args.pop("method"), MSE, tiny_params(), args.pop("sample_tasks"), **args)
+        train(method, **change)
 
 
-def test_checkpoint_round_trip(tmp_path):
-    run = meta_train(
-        "maml", MSE, tiny_params(), SinusoidFamily(k_support=5), **(TINY | {"iterations": 4})
-    )
-    loaded = load_checkpoint(save_checkpoint(run, tmp_path / "ckpt"))
-    assert isinstance(loaded, TrainResult)
+def test_a_checkpoint_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        train(checkpoint_dir=tmp_path / "afile")
+    with pytest.raises(ValueError, match="is not writable"):
+        train(checkpoint_dir=tmp_path / "afile" / "sub")
+
+
+def test_samplers_are_not_cast_data_of_another_dtype_is_an_error():
+    def float32_tasks(n, *, generator, dtype):
+        return SinusoidFamily(k_support=5)(n, generator=generator, dtype=torch.float32)
+
+    with pytest.raises(TypeError, match=r"support x must have the dtype of params \(torch.float64\)"):
+        train(sample_tasks=float32_tasks)
+
+
+# --- divergence, signals, resume --------------------------------------------------------------
+
+
+def test_divergence_stops_with_the_last_finite_state_saved(tmp_path):
+    with pytest.raises(TrainingDiverged, match="non-finite meta-loss at iteration") as caught:
+        train("fomaml", lr=1e200, checkpoint_dir=tmp_path)
+    error = caught.value
+    assert error.result.history.shape == (error.iteration,)
+    saved = load_checkpoint(tmp_path)
+    assert saved.status == "diverged" and saved.iteration == error.iteration
+    assert all(torch.isfinite(v).all() for v in saved.params.values())
+
+
+def test_nan_in_the_data_stops_training_with_a_clear_message():
+    def nan_tasks(n, *, generator, dtype):
+        t = TINY_FAMILY(n, generator=generator, dtype=dtype)
+        return t._replace(query=(t.query[0], torch.full_like(t.query[1], math.nan)))
+
+    with pytest.raises(TrainingDiverged, match="NaN/inf in the data"):
+        train(sample_tasks=nan_tasks)
+
+
+def _interrupt_at(iteration, signum=signal.SIGINT):
+    def on_log(done, value):
+        if done == iteration:
+            os.kill(os.getpid(), signum)
+
+    return on_log
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("method", ["maml", "imaml"])
+def test_a_signal_checkpoints_and_resume_is_bit_identical(tmp_path, signum, method):
+    full = train(method, iterations=40)
+    with pytest.raises(TrainingInterrupted) as caught:
+        train(method, iterations=40, checkpoint_dir=tmp_path, checkpoint_every=7,
+              log_every=1, on_log=_interrupt_at(17, signum))
+    assert caught.value.signum == signum and caught.value.iteration == 17
+    assert load_checkpoint(tmp_path).status == "interrupted"
+    resumed = train(method, iterations=40, checkpoint_dir=tmp_path, resume=True)
+    assert torch.equal(resumed.history, full.history)
+    assert all(torch.equal(resumed.params[k], full.params[k]) for k in full.params)
+    final = load_checkpoint(tmp_path)
+    assert final.status == "finished" and final.iteration == 40
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_resume_extends_a_finished_run_bit_identically(tmp_path):
+    full = train("fomaml", iterations=30)
+    train("fomaml", iterations=12, checkpoint_dir=tmp_path)
+    longer = train("fomaml", iterations=30, checkpoint_dir=tmp_path, resume=True)
+    assert torch.equal(longer.history, full.history)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    train("fomaml", iterations=5, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"cannot resume .* the settings differ \(meta_lr"):
+        train("fomaml", iterations=10, checkpoint_dir=tmp_path, resume=True, meta_lr=0.5)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        train("fomaml", iterations=10, checkpoint_dir=tmp_path / "empty", resume=True)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def _checkpoint(run: TrainResult) -> Checkpoint:
+    return Checkpoint(run.params, adam_init(run.params), run.history.numel(),
+                      torch.Generator().manual_seed(0).get_state(), run.history, run.config, "finished")
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    run = train("maml", iterations=4, checkpoint_dir=tmp_path)
+    loaded = load_checkpoint(tmp_path)
     assert loaded.config == json.loads(json.dumps(run.config))
-    assert torch.equal(loaded.history, run.history)
+    assert torch.equal(loaded.history, run.history) and loaded.iteration == 4
     assert list(loaded.params) == list(run.params)
-    assert all(
-        torch.equal(loaded.params[k], run.params[k]) and loaded.params[k].dtype == F64
-        for k in run.params
-    )
-    with pytest.raises(FileNotFoundError, match=r"params\.pt"):
-        load_checkpoint(tmp_path / "missing")
+    assert all(torch.equal(loaded.params[k], run.params[k]) for k in run.params)
+    assert isinstance(loaded.adam, AdamState) and loaded.adam.step == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary left
 
 
-# --- evaluation ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "cannot read checkpoint"),
+        (lambda p: p.write_bytes(b""), "cannot read checkpoint"),
+        (lambda p: p.write_bytes(os.urandom(4096)), "cannot read checkpoint"),
+        (lambda p: torch.save({"format": "other"}, p), "is not a mamlkit checkpoint"),
+        (lambda p: torch.save({"format": "mamlkit-checkpoint", "version": 1}, p), "lacks"),
+    ],
+)
+def test_a_damaged_checkpoint_is_an_error_that_names_the_file(tmp_path, damage, match):
+    path = save_checkpoint(_checkpoint(train("maml", iterations=2)), tmp_path)
+    damage(path)
+    with pytest.raises(CheckpointError, match=f"{match}.*|.*{path}.*") as caught:
+        load_checkpoint(tmp_path)
+    assert str(path) in str(caught.value)
+
+
+def test_an_inconsistent_checkpoint_is_refused(tmp_path):
+    ckpt = _checkpoint(train("maml", iterations=3))
+    path = save_checkpoint(ckpt._replace(history=ckpt.history[:1]), tmp_path)
+    with pytest.raises(CheckpointError, match=f"{path}.* is inconsistent"):
+        load_checkpoint(path)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_malicious_pickle_is_refused_by_weights_only_loading(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": "mamlkit-checkpoint", "payload": _Exploit()}, path)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(path)
+
+
+# --- Adam and clipping ------------------------------------------------------------------------
+
+
+def test_adam_update_is_torch_optim_adam_and_pure():
+    p0 = {"w": torch.tensor([1.0, -2.0, 0.5], dtype=F64), "b": torch.tensor(0.3, dtype=F64)}
+    leaves = {k: v.clone().requires_grad_(True) for k, v in p0.items()}
+    opt = torch.optim.Adam(leaves.values(), lr=0.05)
+    params, state = p0, adam_init(p0)
+    for step in range(5):
+        g = {"w": torch.tensor([0.1, -3.0, 2.0], dtype=F64) * (step + 1), "b": torch.tensor(-0.7, dtype=F64)}
+        for k, leaf in leaves.items():
+            leaf.grad = g[k].clone()
+        opt.step()
+        old, old_m = {k: v.clone() for k, v in params.items()}, {k: v.clone() for k, v in state.m.items()}
+        new, state_new = adam_update(params, g, state, lr=0.05)
+        assert all(torch.equal(params[k], old[k]) and torch.equal(state.m[k], old_m[k]) for k in p0)
+        params, state = new, state_new
+    for k in p0:
+        torch.testing.assert_close(params[k], leaves[k].detach(), rtol=1e-12, atol=1e-14)
+    assert state.step == 5
+
+
+def test_clip_global_norm_is_clip_grad_norm():
+    g = {"a": torch.tensor([3.0, 0.0], dtype=F64), "b": torch.tensor([[4.0]], dtype=F64)}
+    leaves = [torch.zeros_like(v, requires_grad=True) for v in g.values()]
+    for leaf, v in zip(leaves, g.values()):
+        leaf.grad = v.clone()
+    torch.nn.utils.clip_grad_norm_(leaves, 2.0)
+    clipped = clip_global_norm(g, 2.0)
+    for leaf, v in zip(leaves, clipped.values()):
+        torch.testing.assert_close(v, leaf.grad)
+    with pytest.raises(ValueError, match="max_norm must be > 0"):
+        clip_global_norm(g, 0.0)
+
+
+def test_adam_update_bad_inputs():
+    p = {"w": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"grads must have the keys of params"):
+        adam_update(p, {"v": torch.zeros(2)}, adam_init(p), lr=0.1)
+    with pytest.raises(TypeError, match="state must be an AdamState"):
+        adam_update(p, p, {"t": 0}, lr=0.1)
+
+
+# --- evaluation -------------------------------------------------------------------------------
 
 
 def test_mean_ci95_against_a_hand_computation():
@@ -343,61 +325,29 @@ def test_mean_ci95_against_a_hand_computation():
     mean, half = mean_ci95(values)
     # column 0: mean 3, σ² = (4 + 1 + 9)/3 (divisor N, as np.std), half-width 1.96·σ/√3
     torch.testing.assert_close(mean, torch.tensor([3.0, 10.0], dtype=F64))
-    torch.testing.assert_close(
-        half, torch.tensor([1.96 * math.sqrt(14 / 3) / math.sqrt(3), 0.0], dtype=F64)
-    )
+    torch.testing.assert_close(half, torch.tensor([1.96 * math.sqrt(14 / 3) / math.sqrt(3), 0.0], dtype=F64))
     with pytest.raises(ValueError, match="values"):
         mean_ci95(torch.tensor(1.0))
 
 
 def test_evaluate_matches_a_loop_of_sgd_steps():
-    params, support, query = sinusoid_problem(tasks=6)
-    result = evaluate(MSE, params, support, query, lr=0.02, steps=4)
-    assert result.losses.shape == (6, 5) and result.mse.shape == result.ci95.shape == (5,)
+    t = sample_sinusoid_tasks(6, k_support=5, k_query=7, generator=torch.Generator().manual_seed(0), dtype=F64)
+    params = mk.init_mlp((1, 8, 8, 1), dtype=F64)
+    result = evaluate(MSE, params, t.support, t.query, lr=0.02, steps=4)
+    assert result.losses.shape == (6, 5) and result.loss.shape == result.ci95.shape == (5,)
     for i in range(6):
-        s, q = per_task(support, query, i)
+        s, q = task(t.support, t.query, i)
         for j in range(5):
-            expected = MSE(adapt(MSE, params, s, lr=0.02, steps=j), q)
-            torch.testing.assert_close(result.losses[i, j], expected)
-    n = 6
-    std = result.losses.std(0, correction=0)
-    torch.testing.assert_close(result.ci95, 1.96 * std / math.sqrt(n))
-    torch.testing.assert_close(result.mse, result.losses.mean(0))
+            torch.testing.assert_close(result.losses[i, j], MSE(mk.adapt(MSE, params, s, lr=0.02, steps=j), q))
+    torch.testing.assert_close(result.ci95, 1.96 * result.losses.std(0, correction=0) / math.sqrt(6))
 
 
-def test_evaluate_tasks_is_seeded_and_uses_the_family():
-    params = tiny_params()
-    family = SinusoidFamily(k_support=5)
-    a = evaluate_tasks(MSE, params, family, num_tasks=20, lr=0.01, steps=2, seed=7)
-    b = evaluate_tasks(MSE, params, family, num_tasks=20, lr=0.01, steps=2, seed=7)
-    assert torch.equal(a.losses, b.losses)
-    tasks = family(20, generator=torch.Generator().manual_seed(7), dtype=F64)
-    direct = evaluate(MSE, params, tasks.support, tasks.query, lr=0.01, steps=2)
-    torch.testing.assert_close(a.losses, direct.losses)
-    with pytest.raises(ValueError, match="num_tasks"):
-        evaluate_tasks(MSE, params, family, num_tasks=0, lr=0.01)
-
-
-def test_meta_train_stops_at_the_first_non_finite_meta_loss():
-    with pytest.raises(
-        FloatingPointError, match="fomaml diverged: non-finite meta-loss at iteration"
-    ):
-        meta_train("fomaml", MSE, tiny_params(), TINY_FAMILY, **(TINY | {"lr": 1e200}))
-
-
-def test_meta_batch_grad_takes_the_fast_path_for_the_builtin_mlp(monkeypatch):
-    """make_mse_loss(mlp) is routed to mamlkit._fast; any other loss to the vmap path."""
-    import mamlkit._metabatch as metabatch
-
-    calls = []
-    real = metabatch.fast_meta_batch_grad
-    monkeypatch.setattr(
-        metabatch, "fast_meta_batch_grad", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
-    params = mamlkit.init_mlp((1, 4, 1), seed=0)
-    xs, ys = torch.zeros(2, 3, 1), torch.zeros(2, 3, 1)
-    meta_batch_grad("maml", mamlkit.make_mse_loss(mamlkit.mlp), params, (xs, ys), (xs, ys), lr=0.1)
-    assert calls == [1]
-    other = mamlkit.make_mse_loss(lambda p, x: mamlkit.mlp(p, x))
-    meta_batch_grad("maml", other, params, (xs, ys), (xs, ys), lr=0.1)
-    assert calls == [1]
+def test_the_95_interval_covers_a_known_mean_about_95_percent_of_the_time():
+    """Coverage where the truth is known: 400 replications of 600 draws from N(μ, σ²); an interval
+    made too small (as a bug dividing by N instead of √N would) covers far less often."""
+    g = torch.Generator().manual_seed(0)
+    draws = 2.0 + 3.0 * torch.randn(400, 600, generator=g, dtype=F64)
+    mean, half = mean_ci95(draws.T)
+    covered = ((mean - 2.0).abs() <= half).double().mean().item()
+    assert 0.92 <= covered <= 0.98, covered
+    assert ((mean - 2.0).abs() <= half / 24).double().mean().item() < 0.2

@@ -16,9 +16,9 @@ Same initialisation (``init_mlp((1, 40, 40, 1), seed=0)``), task stream (seed 1)
 
 Usage (from the repository root, one thread)::
 
-    OMP_NUM_THREADS=1 python results/sinusoid/imaml_diagnosis/probe.py NAME imaml LAM LR STEPS \
+    OMP_NUM_THREADS=1 python benchmarks/imaml_probe.py NAME imaml LAM LR STEPS \
         CG ITERATIONS [--clip C] [--every N] [--eval]
-    OMP_NUM_THREADS=1 python results/sinusoid/imaml_diagnosis/probe.py NAME maml 0 0.01 1 0 4000
+    OMP_NUM_THREADS=1 python benchmarks/imaml_probe.py NAME maml 0 0.01 1 0 4000
 
 ``--eval``: after training, the protocol's evaluation (plain SGD with α = 0.01 on 5 support
 points, MSE on the query points, 200 tasks, seed 5) after 0 … 10 steps.
@@ -33,8 +33,9 @@ import torch
 from torch.func import grad, vjp, vmap
 
 import mamlkit
-from mamlkit import SinusoidFamily, evaluate_tasks, init_mlp, make_mse_loss, meta_batch_grad, mlp
-from mamlkit._fast import fast_adam_step
+from mamlkit import init_mlp, make_mse_loss, meta_batch_grad, mlp
+from mamlkit.tasks import SinusoidFamily
+from mamlkit.train import adam_init, adam_update, evaluate
 
 parser = argparse.ArgumentParser()
 parser.add_argument("name")
@@ -54,11 +55,7 @@ loss = make_mse_loss(mlp)
 family = SinusoidFamily(k_support=10)
 theta = init_mlp((1, 40, 40, 1), seed=0)
 generator = torch.Generator().manual_seed(1)
-state = {
-    "t": 0,
-    "m": {k: torch.zeros_like(v) for k, v in theta.items()},
-    "v": {k: torch.zeros_like(v) for k, v in theta.items()},
-}
+state = adam_init(theta)
 
 
 def norm(d):
@@ -107,7 +104,7 @@ for it in range(args.iterations):
     s, q = tasks.support, tasks.query
     extra = {"lam": args.lam, "cg_steps": args.cg_steps} if args.method == "imaml" else {}
     grads, losses = meta_batch_grad(
-        args.method, loss, theta, s, q, lr=args.lr, steps=args.steps, **extra
+        args.method, loss, theta, s, q, lr=args.lr, steps=args.steps, backend="fused", **extra
     )
     gnorm, meta_loss = norm(grads).item(), losses.mean().item()
     if not (math.isfinite(meta_loss) and math.isfinite(gnorm)):
@@ -139,10 +136,9 @@ for it in range(args.iterations):
         print(args.name, json.dumps(row), flush=True)
     if args.clip is not None and gnorm > args.clip:
         grads = {k: g * (args.clip / gnorm) for k, g in grads.items()}
-    theta, state = fast_adam_step(theta, grads, state, 1e-3, betas=(0.9, 0.999), eps=1e-8)
+    theta, state = adam_update(theta, grads, state, lr=1e-3)
 print(args.name, "STATUS", status, f"({time.perf_counter() - start:.0f} s)", flush=True)
 if args.eval and status == "ok":
-    ev = evaluate_tasks(
-        loss, theta, SinusoidFamily(k_support=5), num_tasks=200, lr=0.01, steps=10, seed=5
-    )
-    print(args.name, "EVAL K=5, 0..10 steps", [round(v, 3) for v in ev.mse.tolist()], flush=True)
+    test = SinusoidFamily(k_support=5)(200, generator=torch.Generator().manual_seed(5))
+    ev = evaluate(loss, theta, test.support, test.query, lr=0.01, steps=10)
+    print(args.name, "EVAL K=5, 0..10 steps", [round(v, 3) for v in ev.loss.tolist()], flush=True)

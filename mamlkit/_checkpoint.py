@@ -1,0 +1,162 @@
+"""Checkpoints: one file per run, written atomically, holding everything a resume needs.
+
+A checkpoint is a single ``torch.save`` file (``checkpoint.pt``) with the parameters, Adam's
+state, the iteration, the task generator's state, the loss history, the run's config (as
+JSON text) and a status. One file means parameters and config can never disagree. It is written
+to a temporary file in the same folder, flushed, ``fsync``-ed and moved over the old one with
+``os.replace``, so a crash or a kill at any moment leaves either the old checkpoint or the new
+one, never a torn file. Loading uses ``torch.load(weights_only=True)`` (no code runs while
+loading) and names the file in every error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._adam import AdamState
+from ._params import Params
+
+FORMAT = "mamlkit-checkpoint"
+VERSION = 1
+FILENAME = "checkpoint.pt"
+STATUSES = ("running", "interrupted", "diverged", "finished")
+
+
+class Checkpoint(NamedTuple):
+    """A training run's state.
+
+    Attributes:
+        params: θ after ``iteration`` meta-iterations.
+        adam: Adam's state at that point.
+        iteration: how many meta-iterations are done.
+        generator: the task generator's state (``torch.Generator.get_state()``).
+        history: (iteration,) float64, the meta-loss of every finished iteration.
+        config: the run's settings (JSON-ready).
+        status: ``"running"``, ``"interrupted"``, ``"diverged"`` or ``"finished"``.
+    """
+
+    params: Params
+    adam: AdamState
+    iteration: int
+    generator: Tensor
+    history: Tensor
+    config: dict[str, Any]
+    status: str
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or does not hold what it should."""
+
+
+def checkpoint_path(location: str | Path) -> Path:
+    """``location`` itself if it names a file, else ``location/checkpoint.pt``."""
+    location = Path(location)
+    return location if location.suffix == ".pt" else location / FILENAME
+
+
+def save_checkpoint(checkpoint: Checkpoint, location: str | Path) -> Path:
+    """Write ``checkpoint`` atomically to ``location`` (a folder, created if needed, or a
+    ``.pt`` path); return the file's path."""
+    if not isinstance(checkpoint, Checkpoint):
+        raise TypeError(f"checkpoint must be a Checkpoint, got {type(checkpoint).__name__}")
+    if checkpoint.status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {checkpoint.status!r}")
+    path = checkpoint_path(location)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cpu = {k: v.detach().cpu() for k, v in checkpoint.params.items()}
+    record = {
+        "format": FORMAT,
+        "version": VERSION,
+        "params": cpu,
+        "adam_step": checkpoint.adam.step,
+        "adam_m": {k: v.detach().cpu() for k, v in checkpoint.adam.m.items()},
+        "adam_v": {k: v.detach().cpu() for k, v in checkpoint.adam.v.items()},
+        "iteration": checkpoint.iteration,
+        "generator": checkpoint.generator.cpu(),
+        "history": checkpoint.history.detach().cpu().to(torch.float64),
+        "config": json.dumps(checkpoint.config),
+        "status": checkpoint.status,
+    }
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-save
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_directory(path.parent)
+    return path
+
+
+def _fsync_directory(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - not every platform opens folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+_KEYS = ("params", "adam_step", "adam_m", "adam_v", "iteration", "generator", "history",
+         "config", "status")
+
+
+def load_checkpoint(location: str | Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint` (a folder or the ``.pt`` file).
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        CheckpointError: the file is truncated, corrupt, refused by ``weights_only`` loading,
+            or does not hold a consistent mamlkit checkpoint; the message names the file.
+    """
+    path = checkpoint_path(location)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    try:
+        record = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # torch raises many kinds for a torn or hostile file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {reason[:300]}") from error
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a mamlkit checkpoint")
+    if record.get("version") != VERSION:
+        raise CheckpointError(f"{str(path)!r} has format version {record.get('version')!r}; "
+                              f"this mamlkit reads version {VERSION}")
+    missing = [k for k in _KEYS if k not in record]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks {missing}")
+    try:
+        config = json.loads(record["config"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable config") from error
+    params, m, v = record["params"], record["adam_m"], record["adam_v"]
+    history, iteration = record["history"], record["iteration"]
+    consistent = (
+        isinstance(params, dict) and params and set(m) == set(params) == set(v)
+        and all(isinstance(t, Tensor) and t.shape == params[k].shape for d in (m, v) for k, t in d.items())
+        and isinstance(iteration, int) and isinstance(history, Tensor) and history.shape == (iteration,)
+        and record["status"] in STATUSES
+        and config.get("param_shapes", {k: list(p.shape) for k, p in params.items()})
+        == {k: list(p.shape) for k, p in params.items()}
+    )
+    if not consistent:
+        raise CheckpointError(f"checkpoint {str(path)!r} is inconsistent (parameters, optimizer "
+                              "state, history and config do not agree)")
+    return Checkpoint(params, AdamState(record["adam_step"], m, v), iteration, record["generator"],
+                      history, config, record["status"])

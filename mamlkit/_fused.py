@@ -1,0 +1,424 @@
+r"""Hand-written meta-gradient kernels for the built-in MLP with a squared-error loss.
+
+For ``loss_fn = make_mse_loss(mlp)`` (ReLU or tanh hidden layers) the inner-loop gradient, the
+support-loss Hessian-vector product and the query gradient are written out as tensor formulas
+over a leading *task* dimension: no autograd graph, no vmap. ``meta_batch_grad(...,
+backend="fused")`` runs them eagerly; ``backend="compiled"`` compiles them ahead of time
+(``mamlkit._compiled``), which is where their small op count pays off.
+
+Notation: layer l maps ``h_l`` to ``z_l = h_l W_lᵀ + b_l``, ``h_{l+1} = σ(z_l)``, the last layer
+is linear, ``f = z_{L−1}``; the loss is ``c/2 · Σ (f − y)²`` with ``c = 2/(N·O)`` for ``"mean"``,
+``2`` for ``"sum"``, ``1`` for ``"half_sum"``. Signals are kept unscaled, ``δ_{L−1} = f − y``:
+
+- backward: ``δ_{l−1} = (δ_l W_l) ⊙ σ′(z_{l−1})``, ``∇W_l = c Σ_n δ_lᵀ h_l``, ``∇b_l = c Σ_n δ_l``;
+- R-op along ``v = (V_l, v_l)`` (Pearlmutter 1994, ``Hv = d/dε ∇L(θ + εv)``): forward
+  ``Rz_l = Rh_l W_lᵀ + h_l V_lᵀ + v_l``, ``Rh_{l+1} = σ′(z_l) ⊙ Rz_l``; backward
+  ``Rδ_{L−1} = Rz_{L−1}``, ``(Hv)_{W_l} = c Σ_n (Rδ_lᵀ h_l + δ_lᵀ Rh_l)``, ``(Hv)_{b_l} = c Σ_n Rδ_l``,
+  ``Rδ_{l−1} = (Rδ_l W_l + δ_l V_l) ⊙ σ′(z_{l−1}) + (δ_l W_l) ⊙ σ″(z_{l−1}) ⊙ Rz_{l−1}``, where
+  for tanh ``(δ_l W_l) ⊙ σ″ = −2 δ_{l−1} ⊙ h_l`` and for ReLU ``σ″ = 0`` (``σ′(0) = 0``, as
+  ``torch.relu``'s backward).
+
+The MAML meta-gradient is the reverse pass ``g ← ∇L_q(θ_k)``, ``g ← g − α H_s(θ_j) g`` for
+``j = k−1, …, 0`` (as :func:`mamlkit.maml_grad_hvp`), reusing the inner loop's activations; at
+``θ_0``, which all tasks share, the last contraction also sums over tasks. Weights are shared
+``(O, I)`` matrices at θ_0 and per-task ``(T, O, I)`` stacks after the first inner step.
+
+Each contraction picks its kernel from the shapes alone (so a compiled trace is static): a
+product with a dimension of 1 (the sinusoid's 1 → 40 and 40 → 1 layers) is a broadcast; with
+``loops=True`` (the compiled backend) a contraction over at most ``SMALL`` entries (the points of
+a task) is a multiply-and-sum that the compiler fuses into a loop; everything else is a
+(batched) matrix product.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._models import MSELoss, mlp
+
+SMALL = 16  # contractions over at most this many entries become fused loops when compiling
+Layers = list[Tensor]
+
+
+class MLPSpec(NamedTuple):
+    """What the kernels need to know about ``make_mse_loss(mlp)`` and its parameters."""
+
+    names: tuple[tuple[str, str], ...]  # ((w0, b0), (w1, b1), …)
+    sizes: tuple[int, ...]  # (in, hidden…, out)
+    activation: str  # "relu" or "tanh"
+    reduction: str  # "mean", "sum" or "half_sum"
+
+
+def _activation_of(model_fn: object) -> str | None:
+    """ "relu" or "tanh" when ``model_fn`` is :func:`mlp` or ``partial(mlp, activation=...)``."""
+    if model_fn is mlp:
+        return "relu"
+    if (
+        isinstance(model_fn, functools.partial)
+        and model_fn.func is mlp
+        and not model_fn.args
+        and set(model_fn.keywords) <= {"activation"}
+    ):
+        activation = model_fn.keywords.get("activation", "relu")
+        return activation if activation in ("relu", "tanh") else None
+    return None
+
+
+def fused_spec(loss_fn: object, params: Mapping[str, Tensor]) -> MLPSpec:
+    """The :class:`MLPSpec` of a fused-eligible problem, or a ``ValueError`` that says why not.
+
+    Eligible: ``loss_fn`` is ``make_mse_loss(mlp)`` (any reduction; ``mlp`` or
+    ``functools.partial(mlp, activation="relu" | "tanh")``) and ``params`` holds exactly the
+    ``w0, b0, …`` of :func:`mamlkit.init_mlp` (``params`` must already be checked).
+    """
+    why = "the fused backend runs hand-written kernels for make_mse_loss(mamlkit.mlp) only"
+    if not isinstance(loss_fn, MSELoss):
+        raise ValueError(f"{why}; loss_fn is {getattr(loss_fn, '__qualname__', type(loss_fn).__name__)} "
+                         "(use backend='vmap' or 'compiled' for any other loss)")
+    activation = _activation_of(loss_fn.model_fn)
+    if activation is None:
+        raise ValueError(f"{why}; loss_fn.model_fn is not mamlkit.mlp (or partial(mlp, "
+                         "activation='relu'|'tanh')): use backend='vmap' or 'compiled'")
+    from ._models import mlp_layers
+
+    n_layers = mlp_layers(dict(params))
+    names = tuple((f"w{i}", f"b{i}") for i in range(n_layers))
+    sizes = (params["w0"].shape[1], *(params[w].shape[0] for w, _ in names))
+    return MLPSpec(names, sizes, activation, loss_fn.reduction)
+
+
+def fused_data_shapes(spec: MLPSpec, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """x (T, N, …, in) and y = x.shape[:-1] + (out,) as (T, M, in), (T, M, out); the errors are
+    those ``mlp`` and ``MSELoss`` raise on the vmap path, for one task."""
+    fan_in, fan_out = spec.sizes[0], spec.sizes[-1]
+    if x.shape[-1] != fan_in:
+        raise ValueError(f"x must have shape (..., {fan_in}), got {tuple(x.shape[1:])}")
+    expected = (*x.shape[1:-1], fan_out)
+    if not y.is_floating_point():
+        raise TypeError(f"y must be a floating-point tensor for a squared error, got {y.dtype}")
+    if tuple(y.shape[1:]) != expected:
+        raise ValueError(
+            f"y must have the shape of the model's prediction {expected}, got {tuple(y.shape[1:])}"
+        )
+    n_tasks = x.shape[0]
+    return x.reshape(n_tasks, -1, fan_in), y.reshape(n_tasks, -1, fan_out)
+
+
+def _scale(reduction: str, y: Tensor) -> float:
+    """c in ``L = c/2 Σ (f − y)²`` for one task of y (T, N, O)."""
+    if reduction == "mean":
+        return 2.0 / (y.shape[1] * y.shape[2])
+    return 2.0 if reduction == "sum" else 1.0
+
+
+class _Tape(NamedTuple):
+    """One forward-and-backward pass: layer inputs h_l, σ′(z_l), and the unscaled δ_l."""
+
+    hs: Layers
+    dacts: Layers
+    deltas: Layers
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """The contractions and passes of one MLP; ``loops`` selects the compile-friendly forms."""
+
+    tanh: bool
+    loops: bool
+
+    # ------------------------------------------------------------------ contractions
+    def apply(self, h: Tensor, w: Tensor) -> Tensor:
+        """``h Wᵀ``: h (T, N, I), W (O, I) shared or (T, O, I) per task → (T, N, O)."""
+        o, i = w.shape[-2:]
+        if w.ndim == 2:
+            if i == 1:
+                return h * w[:, 0]
+            if o == 1 and self.loops:
+                return (h * w[0]).sum(-1, keepdim=True)
+            return h @ w.T
+        if i == 1:
+            return h * w[:, :, 0].unsqueeze(1)
+        if o == 1 and self.loops:
+            return (h * w[:, 0, :].unsqueeze(1)).sum(-1, keepdim=True)
+        if self.loops and i <= SMALL:
+            return (h.unsqueeze(-2) * w.unsqueeze(1)).sum(-1)
+        return torch.bmm(h, w.mT)
+
+    def affine(self, h: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        """``h Wᵀ + b`` (eagerly one addmm/baddbmm where the product is a real matrix product)."""
+        o, i = w.shape[-2:]
+        if self.loops or min(o, i) == 1:
+            return self.apply(h, w) + (b.unsqueeze(1) if b.ndim == 2 else b)
+        if w.ndim == 2:
+            return torch.addmm(b, h.reshape(-1, i), w.T).view(*h.shape[:-1], o)
+        return torch.baddbmm(b.unsqueeze(1), h, w.mT)
+
+    def pull(self, d: Tensor, w: Tensor) -> Tensor:
+        """``δ W``: δ (T, N, O), W (O, I) shared or (T, O, I) → (T, N, I)."""
+        o, i = w.shape[-2:]
+        if w.ndim == 2:
+            if o == 1:
+                return d * w[0]
+            if i == 1 and self.loops:
+                return (d * w[:, 0]).sum(-1, keepdim=True)
+            return d @ w
+        if o == 1:
+            return d * w[:, 0, :].unsqueeze(1)
+        if i == 1 and self.loops:
+            return (d * w[:, :, 0].unsqueeze(1)).sum(-1, keepdim=True)
+        if self.loops and o <= SMALL:
+            return (d.unsqueeze(-1) * w.unsqueeze(1)).sum(-2)
+        return torch.bmm(d, w)
+
+    def outer(self, d: Tensor, h: Tensor) -> Tensor:
+        """Per task ``Σ_n δ_nᵀ h_n``: (T, N, O), (T, N, I) → (T, O, I)."""
+        if self.loops and (d.shape[-1] == 1 or h.shape[-1] == 1 or d.shape[1] <= SMALL):
+            return (d.unsqueeze(-1) * h.unsqueeze(-2)).sum(1)
+        return torch.bmm(d.mT, h)
+
+    def outer_sum(self, d: Tensor, h: Tensor) -> Tensor:
+        """``Σ_t Σ_n δᵀh`` over tasks and points: → (O, I)."""
+        d2, h2 = d.reshape(-1, d.shape[-1]), h.reshape(-1, h.shape[-1])
+        if self.loops and (d2.shape[1] == 1 or h2.shape[1] == 1):
+            return (d2.unsqueeze(2) * h2.unsqueeze(1)).sum(0)
+        return d2.mT @ h2
+
+    # ------------------------------------------------------------------ passes
+    def forward(self, ws: Layers, bs: Layers, x: Tensor) -> tuple[Tensor, Layers, Layers]:
+        """The prediction (T, N, O), the layer inputs h_l and the σ′(z_l)."""
+        hs, dacts, h = [x], [], x
+        last = len(ws) - 1
+        for layer, (w, b) in enumerate(zip(ws, bs)):
+            z = self.affine(h, w, b)
+            if layer == last:
+                return z, hs, dacts
+            if self.tanh:
+                h = torch.tanh(z)
+                dacts.append(1.0 - h * h)
+            else:
+                h = torch.relu(z)
+                dacts.append((z > 0).to(z.dtype))  # σ′ = 1[z > 0], as torch.relu's backward
+            hs.append(h)
+        raise AssertionError("unreachable")
+
+    def backward(self, ws: Layers, dacts: Layers, delta: Tensor) -> Layers:
+        """Every unscaled δ_l from δ_{L−1}."""
+        deltas = [delta] * len(ws)
+        for layer in range(len(ws) - 1, 0, -1):
+            delta = self.pull(delta, ws[layer]) * dacts[layer - 1]
+            deltas[layer - 1] = delta
+        return deltas
+
+    def tape(self, ws: Layers, bs: Layers, x: Tensor, y: Tensor) -> tuple[_Tape, Tensor]:
+        f, hs, dacts = self.forward(ws, bs, x)
+        residual = f - y
+        return _Tape(hs, dacts, self.backward(ws, dacts, residual)), residual
+
+    def grad(self, tape: _Tape, scale: float) -> tuple[Layers, Layers]:
+        """``scale·(Σ_n δᵀh, Σ_n δ)`` per task (the scale goes on δ, the smaller operand)."""
+        deltas = [scale * d for d in tape.deltas]
+        return [self.outer(d, h) for d, h in zip(deltas, tape.hs)], [d.sum(1) for d in deltas]
+
+    def grad_sum(self, tape: _Tape, scale: float) -> tuple[Layers, Layers]:
+        """``scale·(Σ_t Σ_n δᵀh, Σ_t Σ_n δ)``, summed over tasks."""
+        deltas = [scale * d for d in tape.deltas]
+        gw = [self.outer_sum(d, h) for d, h in zip(deltas, tape.hs)]
+        return gw, [d.sum((0, 1)) for d in deltas]
+
+    def hvp(
+        self, ws: Layers, tape: _Tape, vw: Layers, vb: Layers, reduce: bool
+    ) -> tuple[Layers, Layers]:
+        """Ĥv = H v / c per task (v per task), or summed over tasks with ``reduce``."""
+        hs, dacts, deltas = tape
+        n = len(ws)
+        rhs: list[Tensor | None] = [None] * n
+        rzs: Layers = []
+        rh: Tensor | None = None
+        for layer in range(n):
+            rz = self.apply(hs[layer], vw[layer]) + vb[layer].unsqueeze(1)
+            if rh is not None:
+                rz = rz + self.apply(rh, ws[layer])
+            rzs.append(rz)
+            if layer < n - 1:
+                rh = rz * dacts[layer]
+                rhs[layer + 1] = rh
+        rdelta = rzs[-1]
+        hw: Layers = [rdelta] * n
+        hb: Layers = [rdelta] * n
+        outer = self.outer_sum if reduce else self.outer
+        for layer in range(n - 1, -1, -1):
+            rh_l = rhs[layer]
+            w = outer(rdelta, hs[layer])
+            if rh_l is not None:
+                w = w + outer(deltas[layer], rh_l)
+            hw[layer] = w
+            hb[layer] = rdelta.sum((0, 1)) if reduce else rdelta.sum(1)
+            if layer:
+                t = self.pull(rdelta, ws[layer]) + self.pull(deltas[layer], vw[layer])
+                rdelta = t * dacts[layer - 1]
+                if self.tanh:  # (δ_l W_l) ⊙ σ″ Rz = −2 δ_{l−1} ⊙ h_l ⊙ Rz_{l−1}
+                    rdelta = rdelta - 2.0 * deltas[layer - 1] * hs[layer] * rzs[layer - 1]
+        return hw, hb
+
+
+def _step(ws: Layers, bs: Layers, gw: Layers, gb: Layers, lr: float) -> tuple[Layers, Layers]:
+    """θ − lr·g per layer (shared weights become per-task stacks by broadcasting)."""
+    return ([torch.add(w, g, alpha=-lr) for w, g in zip(ws, gw)],
+            [torch.add(b, g, alpha=-lr) for b, g in zip(bs, gb)])
+
+
+class Problem(NamedTuple):
+    """One meta-batch, reshaped for the kernels: x (T, N, I), y (T, N, O)."""
+
+    xs: Tensor
+    ys: Tensor
+    xq: Tensor
+    yq: Tensor
+
+
+def _losses(residual: Tensor, reduction: str) -> Tensor:
+    squared = residual * residual
+    if reduction == "mean":
+        return squared.mean((1, 2))
+    total = squared.sum((1, 2))
+    return total if reduction == "sum" else 0.5 * total
+
+
+def _maml(
+    k: Kernel, spec: MLPSpec, ws: Layers, bs: Layers, p: Problem, lr: float, steps: int,
+    first_order: bool,
+) -> tuple[Layers, Layers, Tensor]:
+    n_tasks = p.xs.shape[0]
+    c_s, c_q = _scale(spec.reduction, p.ys), _scale(spec.reduction, p.yq)
+    tapes, path = [], []
+    for _ in range(steps):
+        tape, _ = k.tape(ws, bs, p.xs, p.ys)
+        if not first_order:
+            tapes.append(tape)
+            path.append(ws)
+        ws, bs = _step(ws, bs, *k.grad(tape, c_s), lr)
+    tape, residual = k.tape(ws, bs, p.xq, p.yq)
+    losses = _losses(residual, spec.reduction)
+    if first_order or steps == 0:
+        gw, gb = k.grad_sum(tape, c_q / n_tasks)
+        return gw, gb, losses
+    gw, gb = k.grad(tape, c_q)
+    for j in range(steps - 1, 0, -1):  # g ← g − α c_s Ĥ_s(θ_j) g, per task
+        hw, hb = k.hvp(path[j], tapes[j], gw, gb, reduce=False)
+        gw, gb = _step(gw, gb, hw, hb, lr * c_s)
+    hw, hb = k.hvp(path[0], tapes[0], gw, gb, reduce=True)  # at the shared θ_0
+    gw = [(g.sum(0) - lr * c_s * h) / n_tasks for g, h in zip(gw, hw)]
+    gb = [(g.sum(0) - lr * c_s * h) / n_tasks for g, h in zip(gb, hb)]
+    return gw, gb, losses
+
+
+def _reptile(
+    k: Kernel, spec: MLPSpec, ws: Layers, bs: Layers, p: Problem, lr: float, steps: int
+) -> tuple[Layers, Layers, Tensor]:
+    n_tasks = p.xs.shape[0]
+    c_s = _scale(spec.reduction, p.ys)
+    total_w = [torch.zeros_like(w) for w in ws]
+    total_b = [torch.zeros_like(b) for b in bs]
+    for _ in range(steps):
+        tape, _ = k.tape(ws, bs, p.xs, p.ys)
+        gw, gb = k.grad(tape, c_s)
+        total_w = [t + g.sum(0) / n_tasks for t, g in zip(total_w, gw)]
+        total_b = [t + g.sum(0) / n_tasks for t, g in zip(total_b, gb)]
+        ws, bs = _step(ws, bs, gw, gb, lr)
+    f, _, _ = k.forward(ws, bs, p.xq)
+    return total_w, total_b, _losses(f - p.yq, spec.reduction)
+
+
+def _pretrained(
+    k: Kernel, spec: MLPSpec, ws: Layers, bs: Layers, p: Problem, lr: float, steps: int
+) -> tuple[Layers, Layers, Tensor]:
+    n_tasks = p.xs.shape[0]
+    x, y = torch.cat((p.xs, p.xq), 1), torch.cat((p.ys, p.yq), 1)
+    tape, _ = k.tape(ws, bs, x, y)
+    gw, gb = k.grad_sum(tape, _scale(spec.reduction, y) / n_tasks)
+    _, _, losses = _maml(k, spec, ws, bs, p, lr, steps, first_order=True)
+    return gw, gb, losses
+
+
+def _imaml(
+    k: Kernel, spec: MLPSpec, ws: Layers, bs: Layers, p: Problem, lr: float, steps: int,
+    lam: float, cg_steps: int,
+) -> tuple[Layers, Layers, Tensor]:
+    c_s, c_q = _scale(spec.reduction, p.ys), _scale(spec.reduction, p.yq)
+    theta_w, theta_b = ws, bs
+    for _ in range(steps):  # φ ← φ − α(∇L_s(φ) + λ(φ − θ))
+        tape, _ = k.tape(ws, bs, p.xs, p.ys)
+        gw, gb = k.grad(tape, c_s)
+        gw = [g + lam * (w - t) for g, w, t in zip(gw, ws, theta_w)]
+        gb = [g + lam * (b - t) for g, b, t in zip(gb, bs, theta_b)]
+        ws, bs = _step(ws, bs, gw, gb, lr)
+    tape, _ = k.tape(ws, bs, p.xs, p.ys)
+    tape_q, residual = k.tape(ws, bs, p.xq, p.yq)
+    rhs_w, rhs_b = k.grad(tape_q, c_q)
+    n_tasks = p.xs.shape[0]
+    shapes = [t.shape for t in (*rhs_w, *rhs_b)]
+    sizes = [t[0].numel() for t in (*rhs_w, *rhs_b)]
+    n = len(rhs_w)
+
+    def split(flat: Tensor) -> tuple[Layers, Layers]:
+        parts = [part.reshape(-1, *s[1:]) for part, s in zip(flat.split(sizes, -1), shapes)]
+        return parts[:n], parts[n:]
+
+    def join(gw: Layers, gb: Layers) -> Tensor:
+        return torch.cat([t.reshape(n_tasks, -1) for t in (*gw, *gb)], 1)
+
+    def apply_a(vec: Tensor) -> Tensor:  # (I + H_s(φ)/λ) v per task
+        return vec + (c_s / lam) * join(*k.hvp(ws, tape, *split(vec), reduce=False))
+
+    # Conjugate gradient from x = 0, exactly cg_steps iterations, per task: a step with
+    # curvature pᵀAp ≤ 0 or an exactly zero residual is a no-op (as mamlkit.imaml, cg_tol=0).
+    r = join(rhs_w, rhs_b)
+    x, d = torch.zeros_like(r), r
+    rs = (r * r).sum(1, keepdim=True)
+    zero = torch.zeros_like(rs)
+    for _ in range(cg_steps):  # no autograd here: a 0/0 discarded by torch.where is harmless
+        ad = apply_a(d)
+        curvature = (d * ad).sum(1, keepdim=True)
+        step = torch.where(curvature > 0, rs / curvature, zero)
+        x = x + step * d
+        r = r - step * ad
+        rs_new = (r * r).sum(1, keepdim=True)
+        d = r + torch.where(rs > 0, rs_new / rs, zero) * d
+        rs = rs_new
+    gw, gb = split(x.mean(0, keepdim=True))
+    return [g[0] for g in gw], [g[0] for g in gb], _losses(residual, spec.reduction)
+
+
+def run(
+    method: str,
+    spec: MLPSpec,
+    ws: Layers,
+    bs: Layers,
+    problem: Problem,
+    lr: float,
+    steps: int,
+    hypers: Mapping[str, Any],
+    loops: bool,
+) -> tuple[Layers, Layers, Tensor]:
+    """The task-mean gradient ``(∇W_l, ∇b_l)`` of ``method`` and the (T,) query losses
+    (unchecked; no autograd). ``method`` is a key of :data:`mamlkit._methods.METHODS`."""
+    k = Kernel(spec.activation == "tanh", loops)
+    if method in ("maml", "fomaml"):
+        return _maml(k, spec, ws, bs, problem, lr, steps, method == "fomaml")
+    if method == "reptile":
+        return _reptile(k, spec, ws, bs, problem, lr, steps)
+    if method == "pretrained":
+        return _pretrained(k, spec, ws, bs, problem, lr, steps)
+    if method == "imaml":
+        return _imaml(k, spec, ws, bs, problem, lr, steps, hypers["lam"], hypers["cg_steps"])
+    raise ValueError(f"the fused backend has no kernel for method {method!r}")
+
+
+KERNELS = ("maml", "fomaml", "reptile", "imaml", "pretrained")
+"""The methods of the table with a fused kernel (tests keep this equal to the table)."""
