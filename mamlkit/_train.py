@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._adam import ADAM_BETAS, ADAM_EPS, AdamState, _adam_update, _clip_global_norm, adam_init
+from ._adam import ADAM_BETAS, ADAM_EPS, AdamState, adam_init
 from ._checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
 from ._checks import (
     check_bool,
@@ -283,6 +283,8 @@ def meta_train(
         "torch": torch.__version__,
         "checkpoint_every": checkpoint_every,
     }
+    chunk = _chunk_size(sample_tasks, meta_batch_size, dtype)
+    config["sample_chunk"] = chunk
     generator = torch.Generator().manual_seed(seed)
     adam = adam_init(theta)
     history = torch.empty(iterations, dtype=torch.float64)
@@ -301,9 +303,13 @@ def meta_train(
         start = state.iteration
         history[:start] = state.history
 
+    batches: list[tuple[Any, Any]] = []
+    chunk_start_state = generator.get_state()
+
     def snapshot(done: int, status: str) -> Checkpoint:
-        return Checkpoint(tree_detach(theta), adam, done, generator.get_state(),
-                          history[:done].clone(), config, status)
+        # the generator as it was before drawing the chunk that holds iteration `done`
+        state = generator.get_state() if done % chunk == 0 else chunk_start_state
+        return Checkpoint(tree_detach(theta), adam, done, state, history[:done].clone(), config, status)
 
     def save(done: int, status: str) -> Path | None:
         return save_checkpoint(snapshot(done, status), folder) if folder is not None else None
@@ -319,13 +325,14 @@ def meta_train(
         bar = tqdm(total=iterations, initial=start, desc=entry.name, leave=False)
     with deferred_signals() as caught:
         for it in range(start, iterations):
-            tasks = sample_tasks(meta_batch_size, generator=generator, dtype=dtype)
-            support = tuple(t.to(device) for t in tasks.support)
-            query = tuple(t.to(device) for t in tasks.query)
+            if it % chunk == 0 or it == start:
+                chunk_start_state = generator.get_state()
+                batches = _draw_chunk(sample_tasks, meta_batch_size, chunk, generator, dtype, device)
+            support, query = batches[it % chunk]
             if plan is None:
                 plan = plan_meta_batch(entry.name, loss_fn, theta, support, query, lr=lr,
                                        steps=steps, backend=concrete, hypers=hypers)
-            grads, losses = plan(theta, support, query)
+            new_theta, new_adam, losses = plan.train_step(theta, adam, support, query, meta_lr, max_grad_norm)
             value = losses.mean().item()
             if not math.isfinite(value):
                 path = save(it, "diverged")
@@ -336,9 +343,7 @@ def meta_train(
                     "method, or NaN/inf in the data); the last finite state is "
                     + (f"in {path}" if path else "in .result"), it, path, result(it))
             history[it] = value
-            if max_grad_norm is not None:
-                grads = _clip_global_norm(grads, max_grad_norm)
-            theta, adam = _adam_update(theta, grads, adam, meta_lr, ADAM_BETAS, ADAM_EPS)
+            theta, adam = new_theta, new_adam
             done = it + 1
             if bar is not None:
                 bar.update(1)
@@ -359,6 +364,32 @@ def meta_train(
             bar.close()
         save(iterations, "finished")
     return result(iterations)
+
+
+SAMPLE_BUDGET = 2_000_000
+"""Tasks are drawn for several iterations at once, as many as keep one draw under this many
+numbers (at most 100 iterations): one sampler call instead of one per iteration."""
+
+
+def _chunk_size(sample_tasks: Callable[..., Any], meta_batch_size: int, dtype: torch.dtype) -> int:
+    """Iterations per draw, from the size of one meta-batch (probed with a private generator,
+    so the run's task stream is untouched)."""
+    probe = sample_tasks(meta_batch_size, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    numbers = sum(t.numel() for t in (*probe.support, *probe.query))
+    return max(1, min(100, SAMPLE_BUDGET // max(1, numbers)))
+
+
+def _draw_chunk(sample_tasks: Callable[..., Any], meta_batch_size: int, chunk: int,
+                generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> list[tuple[Any, Any]]:
+    """``chunk`` meta-batches from one call of the sampler (its tasks split in order), on the
+    parameters' device; tensors are moved, never cast."""
+    tasks = sample_tasks(meta_batch_size * chunk, generator=generator, dtype=dtype)
+
+    def split(pair: Any) -> list[tuple[Tensor, ...]]:
+        parts = [t.to(device).reshape(chunk, meta_batch_size, *t.shape[1:]) for t in pair]
+        return [tuple(p[i] for p in parts) for i in range(chunk)]
+
+    return list(zip(split(tasks.support), split(tasks.query)))
 
 
 def _check_same_run(saved: dict[str, Any], requested: dict[str, Any], path: Path) -> None:
