@@ -81,7 +81,7 @@ class _LayerKernel(torch.nn.Module):
 class _StepKernel(_LayerKernel):
     """One whole meta-iteration: the gradient, the optional global-norm clip and Adam.
 
-    ``(θ…, m…, v…, lr/(1 − β₁ᵗ), 1/(1 − β₂ᵗ), xs, ys, xq, yq) → (θ′…, m′…, v′…, query losses)``,
+    ``(θ…, m…, v…, [lr/(1 − β₁ᵗ), 1/(1 − β₂ᵗ)], xs, ys, xq, yq) → (θ′…, m′…, v′…, query losses)``,
     the update of ``torch.optim.Adam`` (``mamlkit.train.adam_update``) in the same graph.
     """
 
@@ -94,8 +94,8 @@ class _StepKernel(_LayerKernel):
     def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         n = 2 * len(self.spec.names)
         params, m, v = tensors[:n], tensors[n : 2 * n], tensors[2 * n : 3 * n]
-        step_size, inverse_correction = tensors[3 * n], tensors[3 * n + 1]
-        grads, losses = self.grads(params, tensors[3 * n + 2 :])
+        step_size, inverse_correction = tensors[3 * n][0], tensors[3 * n][1]
+        grads, losses = self.grads(params, tensors[3 * n + 1 :])
         if self.max_grad_norm is not None:  # g·min(1, c/(‖g‖ + 10⁻⁶)), as clip_grad_norm_
             norm = torch.sqrt(sum((g * g).sum() for g in grads))
             scale = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)

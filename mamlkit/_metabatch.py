@@ -70,7 +70,8 @@ class MetaBatchPlan:
     _step_runner: Any = field(default=None, repr=False)
     _step_norm: float | None = field(default=None, repr=False)
 
-    def _recheck(self, support: Batch, query: Batch) -> None:
+    def recheck(self, support: Batch, query: Batch) -> None:
+        """Check a meta-batch in full if its shapes, dtypes or devices differ from the last one."""
         if _signature(support, query) != self.signature:
             support, query = check_meta_batch(support, query, self._like)
             self._check_shapes(support, query)
@@ -78,7 +79,7 @@ class MetaBatchPlan:
             self._runner = self._step_runner = None
 
     def __call__(self, params: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
-        self._recheck(support, query)
+        self.recheck(support, query)
         if self.backend == "vmap":
             return self._vmap(params, support, query)
         if self.spec is None:  # compiled, any model
@@ -100,40 +101,50 @@ class MetaBatchPlan:
         out = dict(zip(self._canonical, grads))
         return {k: out[k] for k in self.keys}, losses
 
-    def train_step(
-        self, params: Params, adam: AdamState, support: Batch, query: Batch, meta_lr: float,
-        max_grad_norm: float | None,
-    ) -> tuple[Params, AdamState, Tensor]:
-        """One meta-iteration: the gradient, the optional global-norm clip, one Adam step.
+    # -------------------------------------------------------------- training (meta_train)
+    def pack(self, params: Params, adam: AdamState) -> Any:
+        """The training state in this plan's own layout (lists in kernel order when compiled)."""
+        if self.backend != "compiled" or self.spec is None:
+            return params, adam
+        names = self._canonical
+        return [*(params[k] for k in names), *(adam.m[k] for k in names), *(adam.v[k] for k in names)], adam.step
+
+    def unpack(self, state: Any) -> tuple[Params, AdamState]:
+        """``(params, AdamState)`` from :meth:`pack`'s layout, in the caller's key order."""
+        if self.backend != "compiled" or self.spec is None:
+            return state
+        tensors, step = state
+        n = len(self._canonical)
+        new, m, v = (dict(zip(self._canonical, tensors[i * n : (i + 1) * n])) for i in range(3))
+        order = self.keys
+        return {k: new[k] for k in order}, AdamState(step, {k: m[k] for k in order}, {k: v[k] for k in order})
+
+    def train_step(self, state: Any, support: Batch, query: Batch, meta_lr: float,
+                   max_grad_norm: float | None) -> tuple[Any, Tensor]:
+        """One meta-iteration on a packed state (the batch must have this plan's signature:
+        :meth:`recheck` it first): the gradient, the optional global-norm clip, one Adam step.
 
         On the compiled backend for the built-in MLP all three run in one compiled graph;
         elsewhere as :func:`mamlkit.train.clip_global_norm` and :func:`mamlkit.train.adam_update`.
         """
         if self.backend != "compiled" or self.spec is None:
+            params, adam = state
             grads, losses = self(params, support, query)
             if max_grad_norm is not None:
                 grads = _clip_global_norm(grads, max_grad_norm)
-            new, adam = _adam_update(params, grads, adam, meta_lr, ADAM_BETAS, ADAM_EPS)
-            return new, adam, losses
-        self._recheck(support, query)
-        names = self._canonical
-        tensors = [*(params[k] for k in names), *(adam.m[k] for k in names), *(adam.v[k] for k in names)]
-        t = adam.step + 1
-        like = self._like
-        scalars = [torch.tensor(meta_lr / (1 - ADAM_BETAS[0] ** t), dtype=like.dtype, device=like.device),
-                   torch.tensor(1 / (1 - ADAM_BETAS[1] ** t), dtype=like.dtype, device=like.device)]
-        inputs = (*tensors, *scalars, *_problem(self.spec, support, query))
+            return _adam_update(params, grads, adam, meta_lr, ADAM_BETAS, ADAM_EPS), losses
+        tensors, step = state
+        t = step + 1
+        corrections = torch.tensor([meta_lr / (1 - ADAM_BETAS[0] ** t), 1 / (1 - ADAM_BETAS[1] ** t)],
+                                   dtype=self._like.dtype, device=self._like.device)
+        inputs = (*tensors, corrections, *_problem(self.spec, support, query))
         if self._step_runner is None or self._step_norm != max_grad_norm:
             self._step_norm = max_grad_norm
             self._step_runner = _compiled.fused_step_runner(
                 self.method.name, self.spec, self.lr, self.steps, self.hypers, ADAM_BETAS, ADAM_EPS,
                 max_grad_norm, inputs)
         *out, losses = self._step_runner(*inputs)
-        n = len(names)
-        new, m, v = (dict(zip(names, out[i * n : (i + 1) * n])) for i in range(3))
-        order = self.keys
-        return ({k: new[k] for k in order}, AdamState(t, {k: m[k] for k in order},
-                {k: v[k] for k in order}), losses)
+        return (out, t), losses
 
     @property
     def _canonical(self) -> list[str]:
@@ -159,9 +170,10 @@ def _problem(spec: _fused.MLPSpec, support: Batch, query: Batch) -> _fused.Probl
     """The meta-batch as the kernels want it: (T, N, in) and (T, N, out), contiguous."""
     parts = []
     for x, y in (support, query):
-        if x.ndim != 3 or y.ndim != 3:
-            x, y = x.reshape(x.shape[0], -1, x.shape[-1]), y.reshape(y.shape[0], -1, y.shape[-1])
-        parts += [x.contiguous(), y.contiguous()]
+        if x.ndim != 3 or y.ndim != 3 or not (x.is_contiguous() and y.is_contiguous()):
+            x = x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
+            y = y.reshape(y.shape[0], -1, y.shape[-1]).contiguous()
+        parts += [x, y]
     return _fused.Problem(*parts)
 
 

@@ -291,31 +291,42 @@ def meta_train(
     start = 0
     if resume:
         assert folder is not None
-        state = load_checkpoint(folder)
-        _check_same_run(state.config, config, checkpoint_path(folder))
-        if state.iteration > iterations:
-            raise ValueError(f"the checkpoint in {str(folder)!r} is at iteration {state.iteration}, "
+        saved = load_checkpoint(folder)
+        _check_same_run(saved.config, config, checkpoint_path(folder))
+        if saved.iteration > iterations:
+            raise ValueError(f"the checkpoint in {str(folder)!r} is at iteration {saved.iteration}, "
                              f"past iterations={iterations}")
-        theta = {k: v.to(device) for k, v in state.params.items()}
-        adam = AdamState(state.adam.step, {k: v.to(device) for k, v in state.adam.m.items()},
-                         {k: v.to(device) for k, v in state.adam.v.items()})
-        generator.set_state(state.generator)
-        start = state.iteration
-        history[:start] = state.history
+        theta = {k: v.to(device) for k, v in saved.params.items()}
+        adam = AdamState(saved.adam.step, {k: v.to(device) for k, v in saved.adam.m.items()},
+                         {k: v.to(device) for k, v in saved.adam.v.items()})
+        generator.set_state(saved.generator)
+        start = saved.iteration
+        history[:start] = saved.history
 
     batches: list[tuple[Any, Any]] = []
+    values: list[float] = history[:start].tolist()
     chunk_start_state = generator.get_state()
+
+    state: Any = None  # the plan's packed (params, Adam) while training
+
+    def current() -> tuple[Params, AdamState]:
+        return (theta, adam) if plan is None else plan.unpack(state)
 
     def snapshot(done: int, status: str) -> Checkpoint:
         # the generator as it was before drawing the chunk that holds iteration `done`
-        state = generator.get_state() if done % chunk == 0 else chunk_start_state
-        return Checkpoint(tree_detach(theta), adam, done, state, history[:done].clone(), config, status)
+        generator_state = generator.get_state() if done % chunk == 0 else chunk_start_state
+        params_now, adam_now = current()
+        history[:done] = torch.tensor(values[:done], dtype=torch.float64)
+        return Checkpoint(tree_detach(params_now), adam_now, done, generator_state, history[:done].clone(),
+                          config, status)
 
     def save(done: int, status: str) -> Path | None:
         return save_checkpoint(snapshot(done, status), folder) if folder is not None else None
 
     def result(done: int) -> TrainResult:
-        return TrainResult(tree_detach(theta), history[:done].clone(), config)
+        params_now, _ = current()
+        history[:done] = torch.tensor(values[:done], dtype=torch.float64)
+        return TrainResult(tree_detach(params_now), history[:done].clone(), config)
 
     plan = None
     bar = None
@@ -328,11 +339,13 @@ def meta_train(
             if it % chunk == 0 or it == start:
                 chunk_start_state = generator.get_state()
                 batches = _draw_chunk(sample_tasks, meta_batch_size, chunk, generator, dtype, device)
+                if plan is None:
+                    plan = plan_meta_batch(entry.name, loss_fn, theta, *batches[0], lr=lr,
+                                           steps=steps, backend=concrete, hypers=hypers)
+                    state = plan.pack(theta, adam)
+                plan.recheck(*batches[0])  # every meta-batch of a draw has the same shapes
             support, query = batches[it % chunk]
-            if plan is None:
-                plan = plan_meta_batch(entry.name, loss_fn, theta, support, query, lr=lr,
-                                       steps=steps, backend=concrete, hypers=hypers)
-            new_theta, new_adam, losses = plan.train_step(theta, adam, support, query, meta_lr, max_grad_norm)
+            new_state, losses = plan.train_step(state, support, query, meta_lr, max_grad_norm)
             value = losses.mean().item()
             if not math.isfinite(value):
                 path = save(it, "diverged")
@@ -342,13 +355,13 @@ def meta_train(
                     f"{entry.name} stopped: non-finite meta-loss at iteration {it} (a diverging "
                     "method, or NaN/inf in the data); the last finite state is "
                     + (f"in {path}" if path else "in .result"), it, path, result(it))
-            history[it] = value
-            theta, adam = new_theta, new_adam
+            values.append(value)
+            state = new_state
             done = it + 1
             if bar is not None:
                 bar.update(1)
             if done % log_every == 0:
-                running = history[done - log_every : done].mean().item()
+                running = sum(values[done - log_every : done]) / log_every
                 if bar is not None:
                     bar.set_postfix(meta_loss=f"{running:.4f}")
                 if on_log is not None:

@@ -115,26 +115,29 @@ def _call(job: Job, progress: bool, on_log: Callable[[int, float], None] | None)
     return Outcome("done", job.fn(**job.kwargs, progress=progress, on_log=on_log))
 
 
-def _worker(job: Job, messages: Any, parent: int) -> None:
-    """A spawned process: one thread, signals deferred to meta_train, orphan detection."""
+def _worker(jobs: Any, messages: Any, parent: int) -> None:
+    """A spawned process that runs jobs from ``jobs`` until it reads ``None``: one thread,
+    signals deferred to meta_train, orphan detection. Kept for several jobs, so that torch is
+    imported and compiled kernels are loaded once per worker, not once per job."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it forwards SIGTERM
     _train.SECOND_SIGNAL_STOPS_AT_ONCE = False
     set_cpu_threads(1)
+    while (job := jobs.get()) is not None:
+        messages.put(("started", job.key, None))
 
-    def on_log(iteration: int, value: float) -> None:
-        if os.getppid() != parent:  # orphaned: checkpoint at the end of this iteration and stop
-            os.kill(os.getpid(), signal.SIGTERM)
-        messages.put(("log", job.key, iteration, value))
+        def on_log(iteration: int, value: float, key: str = job.key) -> None:
+            if os.getppid() != parent:  # orphaned: checkpoint at the end of this iteration, stop
+                os.kill(os.getpid(), signal.SIGTERM)
+            messages.put(("log", key, (iteration, value)))
 
-    try:
-        outcome = _call(job, False, on_log)
-    except TrainingInterrupted:
-        messages.put(("interrupted", job.key, None))
-        return
-    except Exception as error:  # reported to the parent, which stops the experiment
-        messages.put(("outcome", job.key, Outcome("failed", None, f"{type(error).__name__}: {error}")))
-        return
-    messages.put(("outcome", job.key, outcome))
+        try:
+            outcome = _call(job, False, on_log)
+        except TrainingInterrupted:
+            messages.put(("interrupted", job.key, None))
+            return
+        except Exception as error:  # reported to the parent, which stops the experiment
+            outcome = Outcome("failed", None, f"{type(error).__name__}: {error}")
+        messages.put(("outcome", job.key, outcome))
 
 
 def run_jobs(
@@ -151,42 +154,45 @@ def run_jobs(
                 raise ExperimentInterrupted(error.signum, resume_hint) from error
         return results
     context = get_context("spawn")
-    messages = context.Queue()
-    pending, running, results = list(jobs), {}, {}
-    started = {}
+    queue, messages = context.Queue(), context.Queue()
+    for job in jobs:
+        queue.put(job)
+    processes = [context.Process(target=_worker, args=(queue, messages, os.getpid()), daemon=True)
+                 for _ in range(min(workers, len(jobs)))]
+    for process in processes:
+        queue.put(None)
+        process.start()
+    results: dict[str, Outcome] = {}
+    started: dict[str, float] = {}
+    stopping = False
     with deferred_signals() as caught:
-        while pending or running:
-            while pending and len(running) < workers and not caught:
-                job = pending.pop(0)
-                process = context.Process(target=_worker, args=(job, messages, os.getpid()),
-                                          daemon=True)
-                process.start()
-                running[job.key], started[job.key] = process, time.perf_counter()
-                log(f"{job.key}: started")
-            if caught and running:
-                for process in running.values():
+        while len(results) < len(jobs):
+            if caught and not stopping:
+                stopping = True
+                for process in processes:
                     if process.is_alive():
                         process.terminate()  # SIGTERM: checkpoint after this iteration, exit
             try:
-                kind, key, *rest = messages.get(timeout=0.5)
+                kind, key, payload = messages.get(timeout=0.5)
             except queue_module.Empty:
-                for key, process in list(running.items()):  # a worker that died without a word
-                    if not process.is_alive() and key not in results:
-                        process.join()
-                        running.pop(key)
-                        if not caught:
-                            results[key] = Outcome("failed", None, f"worker exited with code {process.exitcode}")
-                if caught and not running:
+                if not any(p.is_alive() for p in processes):
+                    if not stopping:  # every worker is gone with jobs unfinished
+                        for job in jobs:
+                            results.setdefault(job.key, Outcome("failed", None, "its worker exited"))
                     break
                 continue
-            if kind == "log":
-                iteration, value = rest
-                log(f"{key}: iteration {iteration}, meta-loss {value:.4f}")
-                continue
-            running.pop(key).join(timeout=60)
-            if kind == "outcome":
-                results[key] = rest[0]
-                log(f"{key}: {rest[0].status} ({time.perf_counter() - started[key]:.0f} s)")
+            if kind == "started":
+                started[key] = time.perf_counter()
+                log(f"{key}: started")
+            elif kind == "log":
+                log(f"{key}: iteration {payload[0]}, meta-loss {payload[1]:.4f}")
+            elif kind == "outcome":
+                results[key] = payload
+                log(f"{key}: {payload.status} ({time.perf_counter() - started[key]:.0f} s)")
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
         if caught:
             raise ExperimentInterrupted(caught[0], resume_hint)
     failed = {k: o.message for k, o in results.items() if o.status == "failed"}

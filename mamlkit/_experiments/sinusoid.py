@@ -272,9 +272,11 @@ def reproduce_sinusoid(
     check_positive_int(workers, "workers")
     out = check_writable_folder(out, "out")
     figure_note = check_figures_possible() if figures else None
+    # the longest runs first (more inner steps), so the workers finish together
+    order = sorted(protocol.methods, key=lambda m: -protocol.settings[m]["steps"])
     jobs = [Job(f"{m}/seed{s}", _job, {"method": m, "seed": s, "protocol": asdict(protocol),
                                        "out": str(out), "resume": resume})
-            for m in protocol.methods for s in protocol.training_seeds]
+            for m in order for s in protocol.training_seeds]
     start = time.perf_counter()
     outcomes = run_jobs(jobs, workers=workers, progress=progress,
                         resume_hint=f"continue with --resume (checkpoints in {out / 'checkpoints'})")
