@@ -1,29 +1,30 @@
-"""One meta-iteration of the MAML sinusoid, mamlkit's fast path against the usual ways, side by side.
+"""The MAML sinusoid meta-gradient: mamlkit's backends beside the fastest alternatives, in one process.
 
 Setting (Finn et al. 2017, §5.1): a 1→40→40→1 ReLU MLP, 25 tasks per meta-batch, K = 10 support
-and 10 query points, α = 0.01, mean-squared error, float32; one meta-iteration = the task-mean
-meta-gradient + one Adam step (lr 10⁻³). Task sampling is excluded (one fixed meta-batch).
+and 10 query points, α = 0.01, mean-squared error, float32, one torch thread. Timed: the
+task-mean meta-gradient only (one fixed meta-batch; no sampling, no optimizer step).
 
-Implementations, all timed in this one process, interleaved in shuffled rounds after warm-up:
+Implementations (each is a ``grad(support, query) -> dict`` of the meta-gradient):
 
-- ``mamlkit fast``: ``fast_meta_batch_grad`` (hand-written batched backward and R-op, no
-  autograd) + ``fast_adam_step``; MAML k=1 and k=5, FOMAML, Reptile, iMAML, and the joint
-  ("pretrained") gradient, with the reproduction protocol's inner settings;
-- ``mamlkit.meta_batch_grad``: the public entry point (vmap today; the fast path once wired);
-- ``autograd loop``: a Python loop over tasks with ``torch.autograd.grad(create_graph=True)``,
-  ``.backward()`` and ``torch.optim.Adam`` (the baseline every ratio refers to);
-- ``torch.func vmap``: ``vmap(grad(meta_objective))`` over tasks + ``torch.optim.Adam``;
-- ``higher``, ``torchopt``, ``learn2learn``: each library's MAML recipe, when it imports.
+- ``mamlkit compiled`` / ``mamlkit fused`` / ``mamlkit vmap``: ``meta_batch_grad``'s backends,
+  called through a ``MetaBatchPlan`` (inputs checked once, as ``meta_train`` does);
+- ``torch.compile(vmap(grad))``: 20 lines of plain ``torch.func`` (the meta-objective unrolled,
+  ``grad`` of it, ``vmap`` over tasks), compiled with ``torch.compile`` defaults;
+- ``jax.jit(grad(mean(vmap)))``: the same program in JAX on XLA CPU (one thread);
+- ``torch.func vmap`` (eager), ``autograd loop`` (a Python loop over tasks with
+  ``autograd.grad(create_graph=True)``), ``higher``, ``torchopt``: the eager ways and libraries.
 
-Before any timing, every implementation's meta-gradient is computed in float64 and asserted equal
-to mamlkit's exact one (a per-task loop of ``maml_grad``/``fomaml_grad``/``reptile_grad``/
-``imaml_grad``): speed is never bought with a wrong gradient.
+Method: (1) every implementation's meta-gradient is computed in float64 and asserted equal
+(relative error < 1e-9) to mamlkit's exact per-task engines before any timing; (2) warm-up, then
+shuffled rounds in which every case runs a block of calls; medians over rounds and ratios taken
+within each round; (3) the FLOPs of one meta-gradient (matrix products, counted by
+``torch.utils.flop_counter`` on the eager torch.func program) and each implementation's
+achieved GFLOP/s; (4) compile times, cold (fresh caches, in a new process) and warm (caches
+kept), for mamlkit's compiled backend, torch.compile and JAX; (5) peak memory against the
+number of inner steps for mamlkit's engines.
 
-Memory: the peak of (bytes allocated − bytes freed) by torch's CPU allocator during one
-meta-gradient call, summed between top-level operators from ``torch.profiler``'s memory events.
-
-Run (quiet machine): ``OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_meta.py``;
-``--quick`` is a smoke run (< 30 s). Writes ``benchmarks/results/report.{md,json}`` and a PNG.
+Run on a quiet machine: ``make bench`` (or ``python benchmarks/bench_meta.py``; ``--quick`` for a
+smoke run). Writes ``benchmarks/results/report.{md,json}`` and ``meta_gradient.png``.
 """
 
 from __future__ import annotations
@@ -35,66 +36,167 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
 import torch
 import torch.nn.functional as F
-from mamlkit._fast import fast_adam_step, fast_meta_batch_grad
 from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 import mamlkit
+from mamlkit._metabatch import plan_meta_batch
+from mamlkit.tasks import sample_sinusoid_tasks
 
 SIZES = (1, 40, 40, 1)
-TASKS, K, ALPHA, META_LR, SEED = 25, 10, 0.01, 1e-3, 0
+TASKS, K, ALPHA, SEED = 25, 10, 0.01, 0
 NAMES = ("w0", "b0", "w1", "b1", "w2", "b2")
-# setting -> (method, inner lr, steps, extra): MAML/FOMAML as the paper; Reptile and iMAML with
-# the inner settings of mamlkit's reproduction protocol (mamlkit._reproduce.METHOD_SETTINGS, read
-# at import when it exists); "joint" = the pretrained baseline's gradient (all 2K points, at θ).
-try:
-    from mamlkit._reproduce import METHOD_SETTINGS as _PROTOCOL
-except ImportError:  # pragma: no cover - older trees
-    _PROTOCOL = {}
-_REPTILE = {"lr": 0.02, "steps": 5, **_PROTOCOL.get("reptile", {})}
-_IMAML = {"lr": 0.01, "steps": 5, "lam": 10.0, "cg_steps": 5, **_PROTOCOL.get("imaml", {})}
-SETTINGS: dict[str, tuple[str, float, int, dict[str, Any]]] = {
-    "maml k=1": ("maml", ALPHA, 1, {}),
-    "fomaml k=1": ("fomaml", ALPHA, 1, {}),
-    "maml k=5": ("maml", ALPHA, 5, {}),
-    f"reptile k={_REPTILE['steps']}": ("reptile", _REPTILE["lr"], _REPTILE["steps"], {}),
-    f"imaml k={_IMAML['steps']}": (
-        "imaml",
-        _IMAML["lr"],
-        _IMAML["steps"],
-        {"lam": _IMAML["lam"], "cg_steps": _IMAML["cg_steps"]},
-    ),
-    "joint": ("joint", ALPHA, 0, {}),
-}
-PEER_SETTINGS = ("maml k=1", "fomaml k=1", "maml k=5")
-BASELINE = "autograd loop"
-FAST = "mamlkit fast"
-PEERS = ("higher", "torchopt", "learn2learn")
+MSE = mamlkit.make_mse_loss(mamlkit.mlp)
+SETTINGS: dict[str, tuple[str, int]] = {"maml k=1": ("maml", 1), "fomaml k=1": ("fomaml", 1), "maml k=5": ("maml", 5)}
+COMPILED, JAX, TORCH_COMPILE = "mamlkit compiled", "jax.jit(grad(mean(vmap)))", "torch.compile(vmap(grad))"
+EAGER_LIBRARIES = ("higher", "torchopt")
 Batch = tuple[Tensor, Tensor]
 
 
-# --------------------------------------------------------------------------- implementations
+# ----------------------------------------------------------------------------- implementations
 
 
 def _mse(pred: Tensor, y: Tensor) -> Tensor:
     return (pred - y).pow(2).mean()
 
 
-def _net(p: list[Tensor] | dict[str, Tensor], x: Tensor) -> Tensor:
+def _net(p: dict[str, Tensor] | list[Tensor], x: Tensor) -> Tensor:
     """The 1-40-40-1 ReLU MLP written out (independent of mamlkit)."""
     w = list(p.values()) if isinstance(p, dict) else p
     h = F.relu(F.linear(x, w[0], w[1]))
     h = F.relu(F.linear(h, w[2], w[3]))
     return F.linear(h, w[4], w[5])
+
+
+def _torch_func_program(method: str, steps: int) -> Callable[..., dict[str, Tensor]]:
+    """The straightforward torch.func meta-gradient (what a user writes instead of mamlkit)."""
+    inner_grad = grad(lambda p, x, y: _mse(_net(p, x), y))
+
+    def meta_objective(p, xs, ys, xq, yq):
+        for _ in range(steps):
+            g = inner_grad(p, xs, ys)
+            if method == "fomaml":
+                g = {k: v.detach() for k, v in g.items()}
+            p = {k: p[k] - ALPHA * g[k] for k in p}
+        return _mse(_net(p, xq), yq)
+
+    per_task = vmap(grad(meta_objective), in_dims=(None, 0, 0, 0, 0))
+
+    def meta_gradient(p, xs, ys, xq, yq):
+        return {k: v.mean(0) for k, v in per_task(p, xs, ys, xq, yq).items()}
+
+    return meta_gradient
+
+
+def _jax_program(method: str, steps: int) -> Callable[..., Any]:
+    import jax
+    import jax.numpy as jnp
+
+    def net(p, x):
+        h = jax.nn.relu(x @ p["w0"].T + p["b0"])
+        h = jax.nn.relu(h @ p["w1"].T + p["b1"])
+        return h @ p["w2"].T + p["b2"]
+
+    def mse(p, x, y):
+        return jnp.mean((net(p, x) - y) ** 2)
+
+    def task_loss(p, xs, ys, xq, yq):
+        for _ in range(steps):
+            g = jax.grad(mse)(p, xs, ys)
+            if method == "fomaml":
+                g = jax.lax.stop_gradient(g)
+            p = jax.tree.map(lambda a, b: a - ALPHA * b, p, g)
+        return mse(p, xq, yq)
+
+    def objective(p, xs, ys, xq, yq):
+        return jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, xs, ys, xq, yq))
+
+    return jax.jit(jax.grad(objective))
+
+
+class Impl:
+    """``grad(support, query)``: the task-mean meta-gradient as a dict (keys w0 … b2)."""
+
+    def __init__(self, params: dict[str, Tensor], setting: str) -> None:
+        self.params = params
+        self.method, self.steps = SETTINGS[setting]
+
+    def grad(self, support: Batch, query: Batch) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+class MamlkitBackend(Impl):
+    backend = "compiled"
+
+    def grad(self, support, query):
+        if not hasattr(self, "plan"):
+            self.plan = plan_meta_batch(self.method, MSE, self.params, support, query, lr=ALPHA,
+                                        steps=self.steps, backend=self.backend)
+        return self.plan(self.params, support, query)[0]
+
+
+class MamlkitFused(MamlkitBackend):
+    backend = "fused"
+
+
+class MamlkitVmap(MamlkitBackend):
+    backend = "vmap"
+
+
+class TorchCompile(Impl):
+    def grad(self, support, query):
+        if not hasattr(self, "fn"):
+            self.fn = torch.compile(_torch_func_program(self.method, self.steps))
+        return self.fn(self.params, *support, *query)
+
+
+class TorchFuncEager(Impl):
+    def grad(self, support, query):
+        return _torch_func_program(self.method, self.steps)(self.params, *support, *query)
+
+
+class Jax(Impl):
+    def grad(self, support, query):
+        import jax
+        import numpy as np
+
+        if not hasattr(self, "fn"):
+            self.fn = _jax_program(self.method, self.steps)
+            self.p = {k: jax.numpy.asarray(v.numpy()) for k, v in self.params.items()}
+            self.data = {}
+        key = id(support)
+        if key not in self.data:  # device arrays made once per meta-batch, as a JAX user would
+            self.data = {key: [jax.numpy.asarray(t.numpy()) for t in (*support, *query)]}
+        out = jax.block_until_ready(self.fn(self.p, *self.data[key]))
+        return {k: torch.from_numpy(np.asarray(v)) for k, v in out.items()}
+
+
+class AutogradLoop(Impl):
+    def grad(self, support, query):
+        leaves = [self.params[k].clone().requires_grad_() for k in NAMES]
+        (xs, ys), (xq, yq) = support, query
+        n = xs.shape[0]
+        for t in range(n):
+            fast = leaves
+            for _ in range(self.steps):
+                g = torch.autograd.grad(_mse(_net(fast, xs[t]), ys[t]), fast, create_graph=self.method == "maml")
+                fast = [w - ALPHA * gw for w, gw in zip(fast, g)]
+            (_mse(_net(fast, xq[t]), yq[t]) / n).backward()
+        return {k: leaf.grad for k, leaf in zip(NAMES, leaves)}
 
 
 def _module(params: dict[str, Tensor]) -> nn.Module:
@@ -106,305 +208,124 @@ def _module(params: dict[str, Tensor]) -> nn.Module:
     return net
 
 
-class Impl:
-    """``grad(support, query)``: the meta-gradient (keys w0…b2); ``step``: gradient + Adam."""
-
-    def __init__(self, params: dict[str, Tensor], setting: str) -> None:
-        self.method, self.lr, self.steps, self.extra = SETTINGS[setting]
-        self.first_order = self.method == "fomaml"
-
-    def grad(self, support: Batch, query: Batch) -> dict[str, Tensor]:
-        raise NotImplementedError
-
-    def step(self, support: Batch, query: Batch) -> None:
-        raise NotImplementedError
-
-
-class Fast(Impl):
-    """mamlkit's fast path and fused Adam (the training path)."""
-
-    meta_batch_grad: Callable[..., tuple[dict[str, Tensor], Tensor]] = staticmethod(
-        fast_meta_batch_grad
-    )
-
-    def __init__(self, params, setting):
-        super().__init__(params, setting)
-        self.params = dict(params)
-        self.loss = mamlkit.make_mse_loss(mamlkit.mlp)
-        zeros = {k: torch.zeros_like(v) for k, v in params.items()}
-        self.state = {"t": 0, "m": zeros, "v": dict(zeros)}
-
-    def grad(self, support, query):
-        if self.method == "joint":  # ∇ of the loss on all 2K points of each task, at θ
-            both = tuple(torch.cat((s, q), 1) for s, q in zip(support, query))
-            return self.meta_batch_grad(
-                "fomaml", self.loss, self.params, support, both, lr=self.lr, steps=0
-            )[0]
-        return self.meta_batch_grad(
-            self.method, self.loss, self.params, support, query,
-            lr=self.lr, steps=self.steps, **self.extra,
-        )[0]
-
-    def step(self, support, query):
-        self.params, self.state = fast_adam_step(
-            self.params, self.grad(support, query), self.state, META_LR
-        )
-
-
-class Public(Fast):
-    """``mamlkit.meta_batch_grad``, whatever it dispatches to, + the same Adam."""
-
-    meta_batch_grad = staticmethod(mamlkit.meta_batch_grad)
-
-
-class Leaves(Impl):
-    """Leaf tensors + ``torch.optim.Adam``: the usual training loop of the baselines."""
-
-    def __init__(self, params, setting):
-        super().__init__(params, setting)
-        self.leaves = [params[k].clone().requires_grad_() for k in NAMES]
-        self.opt = torch.optim.Adam(self.leaves, lr=META_LR)
-
-    def backward(self, support: Batch, query: Batch) -> None:
-        raise NotImplementedError
-
-    def grad(self, support, query):
-        self.opt.zero_grad(set_to_none=True)
-        self.backward(support, query)
-        return {k: leaf.grad.clone() for k, leaf in zip(NAMES, self.leaves)}
-
-    def step(self, support, query):
-        self.opt.zero_grad(set_to_none=True)
-        self.backward(support, query)
-        self.opt.step()
-
-
-class AutogradLoop(Leaves):
-    """for task: k × autograd.grad(create_graph=not first_order); (L_q/T).backward()."""
-
-    def backward(self, support, query):
-        (xs, ys), (xq, yq) = support, query
-        n = xs.shape[0]
-        for t in range(n):
-            fast = self.leaves
-            for _ in range(self.steps):
-                g = torch.autograd.grad(
-                    _mse(_net(fast, xs[t]), ys[t]), fast, create_graph=not self.first_order
-                )
-                fast = [w - self.lr * gw for w, gw in zip(fast, g)]
-            (_mse(_net(fast, xq[t]), yq[t]) / n).backward()
-
-
-class VmapFunc(Leaves):
-    """vmap(grad(meta_objective)) over tasks, the straightforward torch.func version."""
-
-    def __init__(self, params, setting):
-        super().__init__(params, setting)
-        steps, lr, first_order = self.steps, self.lr, self.first_order
-        inner_grad = grad(lambda p, x, y: _mse(_net(p, x), y))
-
-        def meta_objective(p, xs, ys, xq, yq):
-            for _ in range(steps):
-                g = inner_grad(p, xs, ys)
-                if first_order:
-                    g = {k: v.detach() for k, v in g.items()}
-                p = {k: p[k] - lr * g[k] for k in p}
-            return _mse(_net(p, xq), yq)
-
-        self.fn = vmap(grad(meta_objective), in_dims=(None, 0, 0, 0, 0))
-
-    def backward(self, support, query):
-        p = {k: leaf.detach() for k, leaf in zip(NAMES, self.leaves)}
-        g = self.fn(p, *support, *query)
-        for k, leaf in zip(NAMES, self.leaves):
-            leaf.grad = g[k].mean(0)
-
-
-class Modules(Leaves):
-    """An ``nn.Module`` and ``torch.optim.Adam`` on its parameters (the libraries' way)."""
-
-    def __init__(self, params, setting):
-        Impl.__init__(self, params, setting)
-        self.net = _module(params)
-        self.leaves = list(self.net.parameters())
-        self.opt = torch.optim.Adam(self.leaves, lr=META_LR)
-
-    def accumulate(self, grads: tuple[Tensor, ...], n: int) -> None:
-        for p, g in zip(self.leaves, grads):
-            p.grad = g / n if p.grad is None else p.grad + g / n
-
-
-class Higher(Modules):
+class Higher(Impl):
     """higher.innerloop_ctx(copy_initial_weights=False, track_higher_grads=not first_order)."""
 
-    def __init__(self, params, setting):
-        super().__init__(params, setting)
+    def grad(self, support, query):
         import higher
 
-        self.higher = higher
-        self.inner_opt = torch.optim.SGD(self.net.parameters(), lr=self.lr)
-
-    def backward(self, support, query):
+        net = _module(self.params)
+        inner = torch.optim.SGD(net.parameters(), lr=ALPHA)
         (xs, ys), (xq, yq) = support, query
         n = xs.shape[0]
         for t in range(n):
-            with self.higher.innerloop_ctx(
-                self.net,
-                self.inner_opt,
-                copy_initial_weights=False,
-                track_higher_grads=not self.first_order,
-            ) as (fnet, diffopt):
+            with higher.innerloop_ctx(net, inner, copy_initial_weights=False,
+                                      track_higher_grads=self.method == "maml") as (fnet, diffopt):
                 for _ in range(self.steps):
                     diffopt.step(_mse(fnet(xs[t]), ys[t]))
-                query_loss = _mse(fnet(xq[t]), yq[t])
-                if self.first_order:
-                    self.accumulate(torch.autograd.grad(query_loss, list(fnet.parameters())), n)
+                loss = _mse(fnet(xq[t]), yq[t]) / n
+                if self.method == "maml":
+                    loss.backward()
                 else:
-                    (query_loss / n).backward()
+                    for p, g in zip(net.parameters(), torch.autograd.grad(loss, list(fnet.parameters()))):
+                        p.grad = g if p.grad is None else p.grad + g
+        return {k: p.grad for k, p in zip(NAMES, net.parameters())}
 
 
-class TorchOpt(Modules):
-    """Second order: torchopt.MetaSGD with extract/recover_state_dict (torchopt's MAML example);
-    first order: torchopt.sgd + apply_updates on detached gradients (its functional API)."""
+class TorchOpt(Impl):
+    """torchopt.MetaSGD with extract/recover_state_dict (its MAML example); first order:
+    torchopt.sgd + apply_updates on detached gradients."""
 
-    def __init__(self, params, setting):
-        super().__init__(params, setting)
+    def grad(self, support, query):
         import torchopt
 
-        self.torchopt = torchopt
-        self.inner = torchopt.MetaSGD(self.net, lr=self.lr)
-        self.sgd = torchopt.sgd(lr=self.lr)
-        self.names = [name for name, _ in self.net.named_parameters()]
-
-    def backward(self, support, query):
-        (xs, ys), (xq, yq) = support, query
-        n, to = xs.shape[0], self.torchopt
-        for t in range(n):
-            if self.first_order:
-                fast = tuple(self.leaves)
-                state = self.sgd.init(fast)
-                for _ in range(self.steps):
-                    call = torch.func.functional_call(self.net, dict(zip(self.names, fast)), xs[t])
-                    g = torch.autograd.grad(_mse(call, ys[t]), fast)
-                    updates, state = self.sgd.update(g, state, inplace=False)
-                    fast = to.apply_updates(fast, updates, inplace=False)
-                call = torch.func.functional_call(self.net, dict(zip(self.names, fast)), xq[t])
-                (_mse(call, yq[t]) / n).backward()
-                continue
-            net_state = to.extract_state_dict(self.net)
-            opt_state = to.extract_state_dict(self.inner)
-            for _ in range(self.steps):
-                self.inner.step(_mse(self.net(xs[t]), ys[t]))
-            (_mse(self.net(xq[t]), yq[t]) / n).backward()
-            to.recover_state_dict(self.net, net_state)
-            to.recover_state_dict(self.inner, opt_state)
-
-
-class Learn2Learn(Modules):
-    """l2l.algorithms.MAML(first_order=...): clone() per task, adapt() k times."""
-
-    def __init__(self, params, setting):
-        super().__init__(params, setting)
-        import learn2learn as l2l
-
-        self.maml = l2l.algorithms.MAML(self.net, lr=self.lr, first_order=self.first_order)
-
-    def backward(self, support, query):
+        net = _module(self.params)
+        leaves, names = list(net.parameters()), [name for name, _ in net.named_parameters()]
         (xs, ys), (xq, yq) = support, query
         n = xs.shape[0]
+        inner, sgd = torchopt.MetaSGD(net, lr=ALPHA), torchopt.sgd(lr=ALPHA)
         for t in range(n):
-            learner = self.maml.clone()
+            if self.method == "fomaml":
+                fast = tuple(leaves)
+                state = sgd.init(fast)
+                for _ in range(self.steps):
+                    g = torch.autograd.grad(_mse(torch.func.functional_call(net, dict(zip(names, fast)), xs[t]), ys[t]), fast)
+                    updates, state = sgd.update(g, state, inplace=False)
+                    fast = torchopt.apply_updates(fast, updates, inplace=False)
+                (_mse(torch.func.functional_call(net, dict(zip(names, fast)), xq[t]), yq[t]) / n).backward()
+                continue
+            net_state, opt_state = torchopt.extract_state_dict(net), torchopt.extract_state_dict(inner)
             for _ in range(self.steps):
-                learner.adapt(_mse(learner(xs[t]), ys[t]))
-            (_mse(learner(xq[t]), yq[t]) / n).backward()
+                inner.step(_mse(net(xs[t]), ys[t]))
+            (_mse(net(xq[t]), yq[t]) / n).backward()
+            torchopt.recover_state_dict(net, net_state)
+            torchopt.recover_state_dict(inner, opt_state)
+        return {k: p.grad for k, p in zip(NAMES, leaves)}
 
 
 IMPLS: dict[str, type[Impl]] = {
-    FAST: Fast,
-    "mamlkit.meta_batch_grad": Public,
-    BASELINE: AutogradLoop,
-    "torch.func vmap": VmapFunc,
+    COMPILED: MamlkitBackend,
+    "mamlkit fused": MamlkitFused,
+    "mamlkit vmap": MamlkitVmap,
+    TORCH_COMPILE: TorchCompile,
+    JAX: Jax,
+    "torch.func vmap (eager)": TorchFuncEager,
+    "autograd loop": AutogradLoop,
     "higher": Higher,
     "torchopt": TorchOpt,
-    "learn2learn": Learn2Learn,
 }
 
 
-def _available(name: str) -> str | None:
-    """None when usable, else why not."""
-    module = {"higher": "higher", "torchopt": "torchopt", "learn2learn": "learn2learn"}.get(name)
+def available(name: str) -> str | None:
+    """None when usable here, else why not."""
+    module = {"higher": "higher", "torchopt": "torchopt", JAX: "jax"}.get(name)
     if module is None:
         return None
     try:
         __import__(module)
-    except Exception as error:  # a library that does not import is reported, not fatal
-        return f"not usable here: {type(error).__name__}: {error}"[:200]
+    except Exception as error:
+        return f"not installed or not importable: {type(error).__name__}: {error}"[:200]
     return None
 
 
-def _versions() -> dict[str, str]:
-    out = {"torch": torch.__version__, "mamlkit": mamlkit.__version__}
-    for name in ("higher", "torchopt", "learn2learn"):
-        try:
-            from importlib.metadata import version
-
-            out[name] = version(name)
-        except Exception:
-            out[name] = "not installed"
-    return out
+# -------------------------------------------------------------------------------- the problem
 
 
-# ------------------------------------------------------------------------------- the problem
-
-
-def _problem(dtype: torch.dtype) -> tuple[dict[str, Tensor], Batch, Batch]:
-    tasks = mamlkit.sample_sinusoid_tasks(
-        TASKS, k_support=K, generator=torch.Generator().manual_seed(SEED), dtype=dtype
-    )
+def problem(dtype: torch.dtype) -> tuple[dict[str, Tensor], Batch, Batch]:
+    tasks = sample_sinusoid_tasks(TASKS, k_support=K, generator=torch.Generator().manual_seed(SEED), dtype=dtype)
     params = mamlkit.init_mlp(SIZES, seed=SEED, dtype=dtype)
-    contiguous = tuple(tuple(t.contiguous() for t in b) for b in (tasks.support, tasks.query))
-    return params, contiguous[0], contiguous[1]
+    return params, tuple(t.contiguous() for t in tasks.support), tuple(t.contiguous() for t in tasks.query)
 
 
-def _reference(setting: str, params, support, query) -> dict[str, Tensor]:
-    """mamlkit's exact per-task engines, task-averaged (never the fast path)."""
-    method, lr, steps, extra = SETTINGS[setting]
-    loss = mamlkit.make_mse_loss(mamlkit.mlp)
-    total = {k: torch.zeros_like(v) for k, v in params.items()}
-    n = support[0].shape[0]
-    for t in range(n):
-        s, q = (support[0][t], support[1][t]), (query[0][t], query[1][t])
-        if method == "maml":
-            g = mamlkit.maml_grad(loss, params, s, q, lr=lr, steps=steps)
-        elif method == "fomaml":
-            g = mamlkit.fomaml_grad(loss, params, s, q, lr=lr, steps=steps)
-        elif method == "reptile":
-            g = mamlkit.reptile_grad(loss, params, s, lr=lr, steps=steps)
-        elif method == "imaml":
-            g = mamlkit.imaml_grad(loss, params, s, q, lr=lr, steps=steps, **extra)
-        else:
-            both = (torch.cat((s[0], q[0])), torch.cat((s[1], q[1])))
-            g = torch.func.grad(loss)(params, both)
-        total = {k: total[k] + g[k] / n for k in total}
-    return total
+def reference(setting: str, params, support, query) -> dict[str, Tensor]:
+    """mamlkit's exact per-task engines, task-averaged (never a meta-batch backend)."""
+    method, steps = SETTINGS[setting]
+    engine = mamlkit.maml_grad if method == "maml" else mamlkit.fomaml_grad
+    grads = [engine(MSE, params, (support[0][t], support[1][t]), (query[0][t], query[1][t]), lr=ALPHA, steps=steps)
+             for t in range(support[0].shape[0])]
+    return {k: torch.stack([g[k] for g in grads]).mean(0) for k in params}
 
 
 def check_gradients(cases: list[tuple[str, str]]) -> dict[str, float]:
     """float64: every implementation's meta-gradient equals mamlkit's exact one (assert)."""
-    params, support, query = _problem(torch.float64)
+    if any(impl == JAX for impl, _ in cases):
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    params, support, query = problem(torch.float64)
     errors = {}
-    refs = {s: _reference(s, params, support, query) for s in {s for _, s in cases}}
+    refs = {s: reference(s, params, support, query) for s in {s for _, s in cases}}
     for impl, setting in cases:
         got = IMPLS[impl](params, setting).grad(support, query)
         ref = refs[setting]
         scale = max(float(v.abs().max()) for v in ref.values())
-        err = max(float((got[k] - ref[k]).abs().max()) for k in ref) / scale
-        errors[f"{impl} | {setting}"] = err
-        assert err < 1e-9, f"{impl} {setting}: relative error {err:.2e} against mamlkit's exact"
+        error = max(float((got[k].to(torch.float64) - ref[k]).abs().max()) for k in ref) / scale
+        errors[f"{impl} | {setting}"] = error
+        assert error < 1e-9, f"{impl} {setting}: relative error {error:.2e} against mamlkit's exact engines"
     return errors
 
 
-# ----------------------------------------------------------------------------------- timing
+# -------------------------------------------------------------------------------------- timing
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:
@@ -412,38 +333,79 @@ def _quantiles(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "q25": q[0], "q75": q[2], "min": min(values)}
 
 
-def time_cases(
-    cases: list[tuple[str, str]], rounds: int, warmup: int, block_s: float, seed: int
-) -> dict[tuple[str, str], list[float]]:
-    """ms per meta-iteration of every case in every round (rounds interleave all cases)."""
-    params, support, query = _problem(torch.float32)
-    objs = {c: IMPLS[c[0]](params, c[1]) for c in cases}
+def time_cases(cases: list[tuple[str, str]], rounds: int, warmup: int, block_s: float) -> dict[tuple[str, str], list[float]]:
+    """ms per meta-gradient of every case in every round (rounds interleave all cases)."""
+    params, support, query = problem(torch.float32)
+    objects = {c: IMPLS[c[0]](params, c[1]) for c in cases}
     reps = {}
-    for c, obj in objs.items():
+    for c, obj in objects.items():
         for _ in range(warmup):
-            obj.step(support, query)
+            obj.grad(support, query)
         start = time.perf_counter()
-        obj.step(support, query)
-        reps[c] = max(1, min(500, round(block_s / (time.perf_counter() - start))))
-    rng = random.Random(seed)
+        obj.grad(support, query)
+        reps[c] = max(1, min(2000, round(block_s / (time.perf_counter() - start))))
+    rng = random.Random(SEED)
     times: dict[tuple[str, str], list[float]] = {c: [] for c in cases}
     for _ in range(rounds):
         order = list(cases)
         rng.shuffle(order)
         for c in order:
-            obj, n = objs[c], reps[c]
+            obj, n = objects[c], reps[c]
             start = time.perf_counter()
             for _ in range(n):
-                obj.step(support, query)
+                obj.grad(support, query)
             times[c].append((time.perf_counter() - start) / n * 1e3)
     return times
 
 
-def _per_round_ratio(num: list[float], den: list[float]) -> dict[str, float]:
-    return _quantiles([a / b for a, b in zip(num, den)])
+def per_round_ratio(numerator: list[float], denominator: list[float]) -> dict[str, float]:
+    return _quantiles([a / b for a, b in zip(numerator, denominator)])
 
 
-# ----------------------------------------------------------------------------------- memory
+def flops(setting: str) -> int:
+    """Matrix-product FLOPs of one meta-gradient, counted on the eager torch.func program."""
+    params, support, query = problem(torch.float32)
+    method, steps = SETTINGS[setting]
+    with FlopCounterMode(display=False) as counter:
+        _torch_func_program(method, steps)(params, *support, *query)
+    return counter.get_total_flops()
+
+
+# ------------------------------------------------------------------------------- compile times
+
+_COMPILE_PROBE = r"""
+import json, os, sys, time
+sys.path.insert(0, {bench!r})
+import torch
+torch.set_num_threads(1)
+import bench_meta as b
+which, setting = sys.argv[1], sys.argv[2]
+params, support, query = b.problem(torch.float32)
+impl = b.IMPLS[which](params, setting)
+start = time.perf_counter()
+impl.grad(support, query)
+print(json.dumps({{"seconds": time.perf_counter() - start}}))
+"""
+
+
+def compile_times(which: str, setting: str) -> dict[str, float]:
+    """First call in a fresh process with empty caches (cold), then again with the caches the
+    first one left (warm)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "MAMLKIT_CACHE_DIR": cache + "/mamlkit", "TORCHINDUCTOR_CACHE_DIR": cache + "/inductor",
+               "OMP_NUM_THREADS": "1"}
+        code = _COMPILE_PROBE.format(bench=str(Path(__file__).parent))
+        out = {}
+        for label in ("cold", "warm"):
+            run = subprocess.run([sys.executable, "-c", code, which, setting], capture_output=True, text=True,
+                                 env=env, timeout=900)
+            if run.returncode != 0:
+                raise RuntimeError(f"{which}: {run.stderr.strip().splitlines()[-1]}")
+            out[label] = json.loads(run.stdout.strip().splitlines()[-1])["seconds"]
+        return out
+
+
+# ------------------------------------------------------------------------------------- memory
 
 
 def peak_bytes(fn: Callable[[], Any]) -> int:
@@ -452,9 +414,7 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
     fn()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted(
-        (e for e in prof.events() if e.cpu_parent is None), key=lambda e: e.time_range.end
-    )
+    events = sorted((e for e in prof.events() if e.cpu_parent is None), key=lambda e: e.time_range.end)
     current = peak = 0
     for e in events:
         current += e.cpu_memory_usage
@@ -463,303 +423,210 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
 
 
 def memory_sweep(ks: list[int]) -> dict[str, dict[int, int]]:
-    params, support, query = _problem(torch.float32)
-    loss = mamlkit.make_mse_loss(mamlkit.mlp)
+    params, support, query = problem(torch.float32)
     s, q = (support[0][0], support[1][0]), (query[0][0], query[1][0])
     engines: dict[str, Callable[[int], Any]] = {
-        "maml_grad (autodiff through the loop)": lambda k: mamlkit.maml_grad(
-            loss, params, s, q, lr=ALPHA, steps=k
-        ),
-        "maml_grad_hvp (reverse HVP pass)": lambda k: mamlkit.maml_grad_hvp(
-            loss, params, s, q, lr=ALPHA, steps=k
-        ),
-        "fomaml_grad": lambda k: mamlkit.fomaml_grad(loss, params, s, q, lr=ALPHA, steps=k),
-        "imaml_grad (λ=10, 5 CG)": lambda k: mamlkit.imaml_grad(
-            loss, params, s, q, lam=10.0, lr=_IMAML["lr"], steps=k, cg_steps=5
-        ),
-        "fast path maml, all 25 tasks": lambda k: fast_meta_batch_grad(
-            "maml", loss, params, support, query, lr=ALPHA, steps=k
-        ),
+        "maml_grad (autodiff through the loop)": lambda k: mamlkit.maml_grad(MSE, params, s, q, lr=ALPHA, steps=k),
+        "maml_grad_hvp (reverse HVP pass)": lambda k: mamlkit.maml_grad_hvp(MSE, params, s, q, lr=ALPHA, steps=k),
+        "fomaml_grad": lambda k: mamlkit.fomaml_grad(MSE, params, s, q, lr=ALPHA, steps=k),
+        "fused kernels, all 25 tasks": lambda k: mamlkit.meta_batch_grad("maml", MSE, params, support, query,
+                                                                         lr=ALPHA, steps=k, backend="fused"),
     }
     return {name: {k: peak_bytes(lambda f=f, k=k: f(k)) for k in ks} for name, f in engines.items()}
 
 
-def _slope(points: dict[int, int]) -> float:
-    """Least-squares bytes per extra inner step."""
+def slope(points: dict[int, int]) -> float:
     ks, ys = list(points), list(points.values())
-    mk, my = statistics.mean(ks), statistics.mean(ys)
-    return sum((k - mk) * (y - my) for k, y in zip(ks, ys)) / sum((k - mk) ** 2 for k in ks)
+    mk_, my = statistics.mean(ks), statistics.mean(ys)
+    return sum((k - mk_) * (y - my) for k, y in zip(ks, ys)) / sum((k - mk_) ** 2 for k in ks)
 
 
-# ----------------------------------------------------------------------------------- report
+# ------------------------------------------------------------------------------------- report
 
 
-def is_busy(*load_averages: float) -> bool:
-    """True when something besides this benchmark loaded the machine.
-
-    The benchmark keeps about one core busy itself, so the 1-minute load average of a quiet
-    machine sits near 1; more than ``cpus − 0.5`` means other work shared the cores.
-    """
-    return max(load_averages) > (os.cpu_count() or 1) - 0.5
-
-
-def environment(threads: int) -> dict[str, Any]:
-    info = torch.__config__.parallel_info().splitlines()
-    return {
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "requested_threads": threads,
-        "env": {
-            k: os.environ.get(k, "(unset)")
-            for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
-        },
-        "parallel_info": [line.strip() for line in info if line.strip()][:8],
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "versions": _versions(),
-        "loadavg_start": list(os.getloadavg()),
-    }
-
-
-def summarize(times, cases, settings) -> dict[str, Any]:
+def summarize(times: dict, cases: list[tuple[str, str]], flop_counts: dict[str, int]) -> dict[str, Any]:
     out: dict[str, Any] = {"cases": {}, "ratios": {}}
     for impl, setting in cases:
         row = _quantiles(times[(impl, setting)])
-        if (BASELINE, setting) in times:
-            row["speedup_vs_baseline"] = _per_round_ratio(
-                times[(BASELINE, setting)], times[(impl, setting)]
-            )
+        row["gflops"] = flop_counts[setting] / (row["median"] * 1e-3) / 1e9
         out["cases"][f"{impl} | {setting}"] = row
-    fast = {s: times[(FAST, s)] for s in settings if (FAST, s) in times}
-    for setting in PEER_SETTINGS:
-        peers = [times[(p, setting)] for p in PEERS if (p, setting) in times]
-        if peers and setting in fast:
-            fastest = [min(vals) for vals in zip(*peers)]
-            out["ratios"][f"fastest peer / fast, {setting}"] = _per_round_ratio(
-                fastest, fast[setting]
-            )
-        if ("torch.func vmap", setting) in times and setting in fast:
-            out["ratios"][f"torch.func vmap / fast, {setting}"] = _per_round_ratio(
-                times[("torch.func vmap", setting)], fast[setting]
-            )
-    for impl in IMPLS:
-        if (impl, "maml k=1") in times and (impl, "fomaml k=1") in times:
-            out["ratios"][f"2nd/1st order, {impl}"] = _per_round_ratio(
-                times[(impl, "maml k=1")], times[(impl, "fomaml k=1")]
-            )
-    protocol = [s for s in settings if s != "maml k=5"]  # the five methods of the protocol
-    if all(s in fast for s in protocol):
-        ms = sum(statistics.median(fast[s]) for s in protocol)
-        out["protocol_minutes"] = ms * 70_000 / 1e3 / 60
+    for setting in SETTINGS:
+        if (COMPILED, setting) not in times:
+            continue
+        ours = times[(COMPILED, setting)]
+        for rival in (TORCH_COMPILE, JAX, "mamlkit fused", "torch.func vmap (eager)", "autograd loop"):
+            if (rival, setting) in times:
+                out["ratios"][f"{rival} / mamlkit compiled, {setting}"] = per_round_ratio(times[(rival, setting)], ours)
+        eager = [times[(lib, setting)] for lib in EAGER_LIBRARIES if (lib, setting) in times]
+        if eager:
+            fastest = [min(values) for values in zip(*eager)]
+            out["ratios"][f"fastest eager library / mamlkit compiled, {setting}"] = per_round_ratio(fastest, ours)
     return out
 
 
-def targets(summary: dict[str, Any], memory: dict[str, dict[int, int]]) -> list[dict[str, Any]]:
-    """The issue's targets, each with this run's value and whether it was met."""
-    ratios, rows = summary["ratios"], []
+def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    rows, ratios = [], summary["ratios"]
 
-    def add(name: str, value: float | None, ok: bool | None, unit: str = "") -> None:
-        rows.append({"target": name, "value": value, "unit": unit, "met": ok})
+    def add(name: str, key: str, bound: float) -> None:
+        q = ratios.get(key)
+        rows.append({"target": name, "value": q and q["median"], "met": q and q["median"] >= bound})
 
-    peer = ratios.get("fastest peer / fast, maml k=1")
-    add("MAML k=1 ≥ 10× faster than the fastest peer library", peer and peer["median"],
-        peer and peer["median"] >= 10, "×")
-    vm = ratios.get("torch.func vmap / fast, maml k=1")
-    add("MAML k=1 ≥ 1.5× faster than torch.func + vmap", vm and vm["median"],
-        vm and vm["median"] >= 1.5, "×")
-    so = ratios.get(f"2nd/1st order, {FAST}")
-    add("2nd/1st-order cost ratio ≤ 1.5 (meta-iteration)", so and so["median"],
-        so and so["median"] <= 1.5)
-    auto = [v for k, v in memory.items() if k.startswith("maml_grad (")]
-    hvp = [v for k, v in memory.items() if k.startswith("maml_grad_hvp")]
-    if auto and hvp:
-        ratio = _slope(auto[0]) / _slope(hvp[0])
-        add("maml_grad_hvp's memory grows clearly slower with k than maml_grad's (slope ratio > 1.5)",
-            ratio, ratio > 1.5, "×")
-    minutes = summary.get("protocol_minutes")
-    add("full protocol (70,000 × 5 methods) ≤ 10 min", minutes,
-        None if minutes is None else minutes <= 10, " min")
+    for setting in ("maml k=1", "maml k=5"):
+        add(f"{setting}: ≥ 1.5× faster than torch.compile(vmap(grad))", f"{TORCH_COMPILE} / mamlkit compiled, {setting}", 1.5)
+        add(f"{setting}: ≥ 1.5× faster than jax.jit", f"{JAX} / mamlkit compiled, {setting}", 1.5)
+    add("maml k=1: ≥ 40× faster than the fastest eager library", "fastest eager library / mamlkit compiled, maml k=1", 40)
     return rows
 
 
-def _fmt_q(q: dict[str, float], digits: int = 2) -> str:
+def _fmt(q: dict[str, float], digits: int = 2) -> str:
     return f"{q['median']:.{digits}f} [{q['q25']:.{digits}f}, {q['q75']:.{digits}f}]"
 
 
-def write_report(result: dict[str, Any], out_dir: Path, quick: bool) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+def write_report(result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     env, summary = result["environment"], result["summary"]
-    lines = ["# Meta-iteration benchmark: MAML sinusoid, 25 tasks, K = 10, float32", ""]
-    if quick or result["preliminary"]:
-        lines += [
-            "> **PRELIMINARY** — "
-            + ("a `--quick` smoke run" if quick else "")
-            + (" on a busy machine" if result["preliminary"] else "")
-            + f" (load average {env['loadavg_start'][0]:.1f} at start, "
-            f"{result['loadavg_end'][0]:.1f} at end on {env['cpu_count']} CPUs). "
-            "Re-run on a quiet machine for numbers to quote.",
-            "",
-        ]
+    lines = ["# The MAML sinusoid meta-gradient: mamlkit beside the fastest alternatives", ""]
+    if result["preliminary"]:
+        lines += [f"> **PRELIMINARY**: {result['preliminary']}. Re-run on a quiet machine for numbers to quote.", ""]
     lines += [
-        f"Date: {result['date']}. Command: `{result['command']}`.",
+        f"Date: {result['date']}. Command: `{result['command']}`. {env['cpus']} CPUs, torch threads "
+        f"{env['torch_threads']}, OMP_NUM_THREADS={env['omp']}, OMP_WAIT_POLICY={env['wait']}; "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + f"; {env['platform']}.",
         "",
-        f"Threads: torch intra-op {env['torch_threads']}, inter-op {env['torch_interop_threads']}; "
-        + ", ".join(f"{k}={v}" for k, v in env["env"].items())
-        + f"; {env['cpu_count']} CPUs; {env['platform']}; Python {env['python']}; "
-        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-        + ".",
+        f"One task-mean meta-gradient: 25 tasks, K = 10 + 10, α = 0.01, float32. {result['rounds']} "
+        "interleaved shuffled rounds after warm-up; median [interquartile range] over rounds; "
+        "ratios are taken within each round, then the median over rounds.",
         "",
-        f"One meta-iteration = meta-gradient (mean over {TASKS} tasks) + one Adam step, "
-        f"{result['rounds']} interleaved shuffled rounds after {result['warmup']} warm-up "
-        "iterations; median [interquartile range] over rounds. Speed-ups are per-round ratios "
-        f"to the `{BASELINE}` of the same setting, then the median over rounds.",
-        "",
-        "## Correctness first (float64, relative max error against mamlkit's exact engines)",
+        "## Correctness first (float64, relative max error against mamlkit's per-task engines)",
         "",
         "| implementation | setting | error |",
         "| --- | --- | --- |",
     ]
-    for key, err in result["gradient_errors"].items():
-        impl, setting = key.split(" | ")
-        lines.append(f"| {impl} | {setting} | {err:.1e} |")
-    lines += ["", "## Time per meta-iteration", ""]
-    lines += [
-        "| implementation | setting | ms | speed-up vs autograd loop |",
-        "| --- | --- | --- | --- |",
-    ]
-    for key, row in summary["cases"].items():
-        impl, setting = key.split(" | ")
-        speed = _fmt_q(row["speedup_vs_baseline"], 1) + "×" if "speedup_vs_baseline" in row else ""
-        lines.append(f"| {impl} | {setting} | {_fmt_q(row, 3)} | {speed} |")
-    lines += ["", "## Ratios (per round, median [IQR])", "", "| ratio | value |", "| --- | --- |"]
-    for key, q in summary["ratios"].items():
-        lines.append(f"| {key} | {_fmt_q(q)} |")
-    if "protocol_minutes" in summary:
-        lines += [
-            "",
-            "Projected full paper protocol with the fast path (70,000 meta-iterations × maml, "
-            "fomaml, reptile, imaml, joint; gradient + Adam only, no task sampling or "
-            f"evaluation): **{summary['protocol_minutes']:.1f} min** on one thread.",
-        ]
-    lines += ["", "## The issue's targets in this run", "", "| target | value | met |"]
-    lines += ["| --- | --- | --- |"]
+    lines += [f"| {k.split(' | ')[0]} | {k.split(' | ')[1]} | {e:.1e} |" for k, e in result["gradient_errors"].items()]
+    lines += ["", "## Time per meta-gradient", "",
+              "| implementation | " + " | ".join(SETTINGS) + " |", "| --- |" + " --- |" * len(SETTINGS)]
+    impls = list(dict.fromkeys(k.split(" | ")[0] for k in summary["cases"]))
+    for impl in impls:
+        cells = []
+        for setting in SETTINGS:
+            row = summary["cases"].get(f"{impl} | {setting}")
+            cells.append(f"{row['median']:.3f} ms ({row['gflops']:.1f} GFLOP/s)" if row else "—")
+        lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+    lines += ["", "FLOPs of one meta-gradient (matrix products of the torch.func program, "
+              "`torch.utils.flop_counter`): " + ", ".join(f"{s}: {f / 1e6:.1f} MFLOP" for s, f in result["flops"].items())
+              + ". GFLOP/s = those FLOPs / the median time (so a program that does fewer FLOPs can exceed its true rate).",
+              "", "## Ratios (per round: theirs / mamlkit compiled; median [IQR])", "", "| ratio | value |", "| --- | --- |"]
+    lines += [f"| {k} | {_fmt(q)} |" for k, q in summary["ratios"].items()]
+    lines += ["", "## The targets in this run", "", "| target | value | met |", "| --- | --- | --- |"]
     for row in result["targets"]:
-        value = "n/a" if row["value"] is None else f"{row['value']:.2f}{row['unit']}"
-        met = {True: "yes", False: "**no**", None: "n/a"}[row["met"]]
-        lines.append(f"| {row['target']} | {value} | {met} |")
+        value = "n/a" if row["value"] is None else f"{row['value']:.2f}×"
+        lines.append(f"| {row['target']} | {value} | {'n/a' if row['met'] is None else ('yes' if row['met'] else '**no**')} |")
+    if result["compile_times"]:
+        lines += ["", "## Compile time of the first call (s)", "",
+                  "Cold: a new process with empty caches; warm: a new process with the caches the cold one left.", "",
+                  "| implementation | setting | cold | warm |", "| --- | --- | --- | --- |"]
+        for key, t in result["compile_times"].items():
+            impl, setting = key.split(" | ")
+            lines.append(f"| {impl} | {setting} | {t['cold']:.1f} | {t['warm']:.1f} |")
     if result["skipped"]:
         lines += ["", "Not run: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items())]
     mem = result["memory"]
-    ks = sorted({k for points in mem.values() for k in points})
-    lines += [
-        "",
-        "## Peak memory of one meta-gradient (KiB) against the number of inner steps k",
-        "",
-        "Peak of (bytes allocated − bytes freed) by torch's CPU allocator during one call, "
-        "summed between top-level operators from torch.profiler's memory events (inputs not "
-        "counted). One sinusoid task for mamlkit's engines; the whole 25-task meta-batch for "
-        "the fast path.",
-        "",
-        "| engine | " + " | ".join(f"k={k}" for k in ks) + " | KiB per extra step |",
-        "| --- | " + " | ".join("---" for _ in ks) + " | --- |",
-    ]
+    ks = sorted({int(k) for p in mem.values() for k in p})
+    lines += ["", "## Peak memory of one meta-gradient (KiB) against the inner steps k", "",
+              "| engine | " + " | ".join(f"k={k}" for k in ks) + " | KiB per extra step |",
+              "| --- |" + " --- |" * (len(ks) + 1)]
     for name, points in mem.items():
-        cells = " | ".join(f"{points[k] / 1024:.0f}" for k in ks)
-        lines.append(f"| {name} | {cells} | {_slope(points) / 1024:.1f} |")
-    lines += ["", "![meta-iteration times and memory](meta_iteration.png)", ""]
-    (out_dir / "report.md").write_text("\n".join(lines))
+        p = {int(k): v for k, v in points.items()}
+        lines.append(f"| {name} | " + " | ".join(f"{p[k] / 1024:.0f}" for k in ks) + f" | {slope(p) / 1024:.1f} |")
+    lines += ["", "![time per meta-gradient](meta_gradient.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
 
 
-def plot(result: dict[str, Any], out_dir: Path) -> None:
+def plot(result: dict[str, Any], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     cases = result["summary"]["cases"]
-    labels = list(cases)
-    med = [cases[k]["median"] for k in labels]
-    err = [
-        [cases[k]["median"] - cases[k]["q25"] for k in labels],
-        [cases[k]["q75"] - cases[k]["median"] for k in labels],
-    ]
-    colors = ["tab:green" if k.startswith(FAST) else "tab:gray" for k in labels]
-    ax1.barh(range(len(labels)), med, xerr=err, color=colors)
-    ax1.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax1.invert_yaxis()
-    ax1.set_xscale("log")
-    ax1.set_xlabel("ms per meta-iteration (log scale; median, IQR)")
-    threads = result["environment"]["torch_threads"]
-    ax1.set_title(f"One meta-iteration, 25 sinusoid tasks, {threads} torch thread(s)")
-    for name, points in result["memory"].items():
-        ks = sorted(points, key=int)
-        ax2.plot([int(k) for k in ks], [points[k] / 1024 for k in ks], marker="o", label=name)
-    ax2.set_yscale("log")
-    ax2.set_xlabel("inner steps k")
-    ax2.set_ylabel("peak allocator KiB of one call (log scale)")
-    ax2.set_title("Memory of one meta-gradient against k")
-    ax2.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(SETTINGS), figsize=(5 * len(SETTINGS), 4), sharex=False)
+    for ax, setting in zip(axes, SETTINGS):
+        rows = {k.split(" | ")[0]: v for k, v in cases.items() if k.endswith(setting)}
+        names = list(rows)
+        ax.barh(range(len(names)), [rows[n]["median"] for n in names],
+                color=["tab:green" if n.startswith("mamlkit") else "tab:gray" for n in names])
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set(xlabel="ms per meta-gradient (log scale)", title=f"{setting}, 25 tasks, 1 thread")
     fig.tight_layout()
-    fig.savefig(out_dir / "meta_iteration.png", dpi=120)
+    fig.savefig(out / "meta_gradient.png", dpi=110)
     plt.close(fig)
 
 
-# -------------------------------------------------------------------------------------- main
+def busy(load: float) -> str | None:
+    cpus = os.cpu_count() or 1
+    return f"load average {load:.1f} on {cpus} CPUs" if load > cpus - 0.5 else None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run (< 30 s)")
-    parser.add_argument("--rounds", type=int, help="timed rounds (default 3 quick, 25 full)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--no-peers", action="store_true", help="skip higher/torchopt/l2l")
+    parser.add_argument("--quick", action="store_true", help="smoke run: few rounds, no compile-time probes")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5 quick, 25 full)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rounds = args.rounds or (7 if args.quick else 25)
-    warmup, block_s = (1, 0.005) if args.quick else (10, 0.25)
-    ks = [1, 2, 5] if args.quick else [1, 2, 5, 10, 20]
-
-    skipped: dict[str, str] = {}
-    cases = [(FAST, s) for s in SETTINGS] + [("mamlkit.meta_batch_grad", s) for s in SETTINGS]
-    others = [BASELINE, "torch.func vmap"] + ([] if args.no_peers else list(PEERS))
-    for impl in others:
-        why = _available(impl)
-        if why is None:
-            cases += [(impl, s) for s in PEER_SETTINGS]
-        else:
-            skipped[impl] = why
-    if args.no_peers:
-        skipped.update({p: "--no-peers" for p in PEERS})
-
-    env = environment(args.threads)
+    torch.set_num_threads(1)
+    rounds = args.rounds or (5 if args.quick else 25)
+    skipped = {name: why for name in IMPLS if (why := available(name))}
+    cases = [(impl, s) for impl in IMPLS if impl not in skipped for s in SETTINGS]
+    load_start = os.getloadavg()[0]
     t0 = time.perf_counter()
     errors = check_gradients(cases)
-    times = time_cases(cases, rounds, warmup, block_s, SEED)
-    memory = memory_sweep(ks)
-    load_end = list(os.getloadavg())
-    summary = summarize(times, cases, SETTINGS)
+    if any(impl == JAX for impl, _ in cases):
+        import jax
+
+        jax.config.update("jax_enable_x64", False)
+    times = time_cases(cases, rounds, warmup=3, block_s=0.02 if args.quick else 0.2)
+    flop_counts = {s: flops(s) for s in SETTINGS}
+    summary = summarize(times, cases, flop_counts)
+    compile_report = {}
+    if not args.quick:
+        for impl in (COMPILED, TORCH_COMPILE, JAX):
+            if impl not in skipped:
+                for setting in ("maml k=1", "maml k=5"):
+                    compile_report[f"{impl} | {setting}"] = compile_times(impl, setting)
+    memory = memory_sweep([1, 2, 5] if args.quick else [1, 2, 5, 10, 20])
+    load_end = os.getloadavg()[0]
+    versions = {"torch": torch.__version__, "mamlkit": mamlkit.__version__}
+    for name in ("jax", "higher", "torchopt"):
+        try:
+            from importlib.metadata import version
+
+            versions[name] = version(name)
+        except Exception:
+            versions[name] = "not installed"
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python benchmarks/bench_meta.py " + " ".join(argv if argv else sys.argv[1:]),
-        "quick": args.quick,
-        "preliminary": args.quick or is_busy(env["loadavg_start"][0], load_end[0]),
+        "command": "python benchmarks/bench_meta.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "preliminary": "a --quick smoke run" if args.quick else busy(max(load_start, load_end)),
         "rounds": rounds,
-        "warmup": warmup,
-        "environment": env,
-        "loadavg_end": load_end,
+        "environment": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "omp": os.environ.get("OMP_NUM_THREADS", "(unset)"),
+                        "wait": os.environ.get("OMP_WAIT_POLICY", "(unset)"), "versions": versions,
+                        "platform": platform.platform(), "python": platform.python_version(),
+                        "load_average": [load_start, load_end]},
         "gradient_errors": errors,
         "times_ms": {f"{i} | {s}": v for (i, s), v in times.items()},
+        "flops": flop_counts,
         "summary": summary,
-        "targets": targets(summary, memory),
+        "targets": targets(summary),
+        "compile_times": compile_report,
         "memory": memory,
         "skipped": skipped,
         "wall_s": time.perf_counter() - t0,
     }
-    write_report(result, args.out, args.quick)
+    write_report(result, args.out)
     plot(result, args.out)
     print((args.out / "report.md").read_text())
     return result

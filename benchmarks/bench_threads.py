@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_meta import is_busy
+from bench_meta import busy
 
 SETTINGS = [(1, None), (1, "PASSIVE"), (2, None), (2, "PASSIVE")]
 REFERENCE = (1, "PASSIVE")
@@ -45,10 +45,10 @@ def worker(threads: int, setting: str, reps: int) -> None:
     import bench_meta
 
     torch.set_num_threads(threads)
-    params, support, query = bench_meta._problem(torch.float32)
-    impl = bench_meta.Fast(params, setting)
+    params, support, query = bench_meta.problem(torch.float32)
+    impl = bench_meta.MamlkitFused(params, setting)
     for _ in range(20):
-        impl.step(support, query)
+        impl.grad(support, query)
     print(json.dumps({"ready": torch.get_num_threads()}), flush=True)
     for line in sys.stdin:
         if line.strip() != "go":
@@ -56,7 +56,7 @@ def worker(threads: int, setting: str, reps: int) -> None:
         times = []
         for _ in range(reps):
             start = time.perf_counter()
-            impl.step(support, query)
+            impl.grad(support, query)
             times.append((time.perf_counter() - start) * 1e3)
         print(json.dumps(times), flush=True)
 
@@ -138,12 +138,12 @@ def write_report(result: dict, out_dir: Path) -> None:
     """threads.json and threads.md from one run's ``result``."""
     load_start, rows, rounds = result["loadavg_start"], result["rows"], result["rounds"]
     reps = result["iterations_per_block"]
-    busy = is_busy(load_start[0], result["loadavg_end"][0])
-    lines = [f"# Thread settings: fast path, {result['setting']} (gradient + Adam), sinusoid", ""]
-    if result["quick"] or busy:
+    loaded = busy(max(load_start[0], result["loadavg_end"][0])) is not None
+    lines = [f"# Thread settings: fused kernels, {result['setting']} (meta-gradient), sinusoid", ""]
+    if result["quick"] or loaded:
         lines += [
             f"> **PRELIMINARY** — {'a --quick smoke run' if result['quick'] else 'a run'}"
-            f"{' on a busy machine' if busy else ''} (load average {load_start[0]:.1f} → "
+            f"{' on a busy machine' if loaded else ''} (load average {load_start[0]:.1f} → "
             f"{result['loadavg_end'][0]:.1f} on {result['cpu_count']} CPUs). Re-run on a quiet machine.",
             "",
         ]

@@ -1,9 +1,11 @@
-"""Second derivatives of a loss: the Hessian, Hessian-vector products, and the MSE split."""
+"""Second derivatives of a loss: the Hessian, Hessian-vector products, and the squared-error
+and cross-entropy splits into Gauss–Newton and residual parts."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 from torch.func import grad, jacrev, vjp
 
@@ -133,4 +135,64 @@ def mse_hessian_parts(
         return (residual_weights * predict(v).reshape(-1)).sum()
 
     residual = jacrev(jacrev(residual_weighted_output))(vector)
+    return gauss_newton, residual
+
+
+def cross_entropy_hessian_parts(
+    model_fn: ModelFn, params: Mapping[str, Tensor], x: Tensor, y: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""Split the Hessian of the mean cross-entropy ``L = −(1/N) Σ_n log softmax(z_n)[y_n]``
+    (logits ``z_n = f(x_n; θ)``) into a Gauss–Newton and a residual part.
+
+    .. math::
+
+        ∇²L = \underbrace{\frac1N Σ_n J_nᵀ (\mathrm{diag}\, p_n − p_n p_nᵀ) J_n}_{\text{Gauss–Newton, PSD}}
+            + \underbrace{\frac1N Σ_n Σ_o (p_{no} − y_{no})\, ∇²_θ z_{no}}_{\text{residual-weighted model Hessian}}
+
+    with ``p_n = softmax(z_n)``, ``y_{no}`` the one-hot label and ``J_n = ∂z_n/∂θ`` (O, P). The
+    O×O matrix ``diag p − ppᵀ`` is the Hessian of the loss in the logits (it replaces the identity
+    of the squared error, :func:`mse_hessian_parts`); it is positive semi-definite (its
+    quadratic form is the variance of a vector under p), so the first part is too. Both parts are
+    (P, P) in the flat order of :func:`mamlkit.flatten_params`.
+
+    Args:
+        model_fn: ``model_fn(params, x)`` returning (N, O) logits.
+        params: the point θ.
+        x: inputs, N rows.
+        y: (N,) integer labels.
+
+    Returns:
+        ``(gauss_newton, residual)``, each (P, P), summing to ``∇²L``.
+
+    Example:
+        >>> lin = lambda p, x: x @ p["w"]          # linear logits: the residual part vanishes
+        >>> gn, r = cross_entropy_hessian_parts(lin, {"w": torch.zeros(1, 2)}, torch.ones(3, 1), torch.tensor([0, 1, 1]))
+        >>> gn, r.abs().max()
+        (tensor([[ 0.2500, -0.2500],
+                [-0.2500,  0.2500]]), tensor(0.))
+    """
+    params = tree_detach(check_params(params))
+    like = reference_tensor(params)
+    check_batch((x, y), "(x, y)", like)
+    if y.is_floating_point() or y.ndim != 1:
+        raise TypeError(f"y must be (N,) integer class labels, got {y.dtype} of shape {tuple(y.shape)}")
+    vector = flatten_params(params)
+
+    def logits(v: Tensor) -> Tensor:
+        return model_fn(unflatten_params(v, params), x)
+
+    z = logits(vector)
+    if z.ndim != 2 or z.shape[0] != y.shape[0]:
+        raise ValueError(f"model_fn must return (N, classes) logits, got {tuple(z.shape)}")
+    n, classes = z.shape
+    p = torch.softmax(z.detach(), -1)
+    jac = jacrev(logits)(vector).reshape(n, classes, -1)  # (N, O, P)
+    curvature = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)  # (N, O, O)
+    gauss_newton = torch.einsum("nop,noq,nqr->pr", jac, curvature, jac) / n
+    weights = (p - torch.nn.functional.one_hot(y, classes).to(p.dtype)).detach()
+
+    def residual_weighted_logits(v: Tensor) -> Tensor:
+        return (weights * logits(v)).sum() / n
+
+    residual = jacrev(jacrev(residual_weighted_logits))(vector)
     return gauss_newton, residual

@@ -34,17 +34,24 @@ Z95 = 1.96
 
 
 class EvalResult(NamedTuple):
-    """Query losses after 0 … k fine-tuning steps.
+    """Query losses (and, for classification, accuracies) after 0 … k fine-tuning steps.
 
     Attributes:
         loss: (k+1,) mean query loss over tasks after j steps (the MSE for a squared error).
         ci95: (k+1,) half-width of the 95 % interval over tasks, ``1.96·σ/√N``.
         losses: (N, k+1) every task's query loss after j steps.
+        accuracy: (k+1,) mean query accuracy over tasks, for a loss with an ``accuracy``
+            method (:func:`mamlkit.make_cross_entropy_loss`); else None.
+        accuracy_ci95: its 95 % half-width over tasks, or None.
+        accuracies: (N, k+1) every task's accuracy, or None.
     """
 
     loss: Tensor
     ci95: Tensor
     losses: Tensor
+    accuracy: Tensor | None = None
+    accuracy_ci95: Tensor | None = None
+    accuracies: Tensor | None = None
 
 
 def mean_ci95(values: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,13 +67,16 @@ def mean_ci95(values: Tensor) -> tuple[Tensor, Tensor]:
     return values.mean(0), Z95 * values.std(0, correction=0) / n**0.5
 
 
-def _finetune_curve(loss: LossFn, lr: float, steps: int):
+def _finetune_curve(loss: LossFn, lr: float, steps: int, scores: list):
+    """Per task: the query loss, and every score in ``scores`` (e.g. accuracy), after 0 … k
+    SGD steps on the support set."""
+
     def task(theta: Params, support: Batch, query: Batch) -> Tensor:
-        curve = [loss(theta, query)]
+        curves = [[loss(theta, query), *(f(theta, query) for f in scores)]]
         for _ in range(steps):
             theta = tree_axpy(-lr, grad(loss)(theta, support), theta)
-            curve.append(loss(theta, query))
-        return torch.stack(curve)
+            curves.append([loss(theta, query), *(f(theta, query) for f in scores)])
+        return torch.stack([torch.stack(c) for c in curves], -1)  # (1 + scores, k+1)
 
     return task
 
@@ -92,7 +102,8 @@ def evaluate(
         steps: k ≥ 0.
 
     Returns:
-        :class:`EvalResult` with ``loss``, ``ci95`` of shape (k+1,) and ``losses`` (N, k+1).
+        :class:`EvalResult` with ``loss``, ``ci95`` of shape (k+1,) and ``losses`` (N, k+1), and
+        accuracies for a classification loss (one with an ``accuracy`` method).
 
     Example:
         >>> L = lambda p, b: ((b[0] * p["w"] - b[1]) ** 2).mean()
@@ -105,12 +116,16 @@ def evaluate(
     params = tree_detach(check_params(params))
     support, query = check_meta_batch(support, query, reference_tensor(params))
     lr, steps = check_lr(lr), check_steps(steps)
+    accuracy = getattr(loss_fn, "accuracy", None)
+    scores = [accuracy] if callable(accuracy) else []
     with torch.no_grad():
-        losses = vmap(_finetune_curve(loss, lr, steps), in_dims=(None, 0, 0))(
-            params, support, query
-        )
+        curves = vmap(_finetune_curve(loss, lr, steps, scores), in_dims=(None, 0, 0))(params, support, query)
+    losses = curves[:, 0]
     mean, ci95 = mean_ci95(losses)
-    return EvalResult(mean, ci95, losses)
+    if not scores:
+        return EvalResult(mean, ci95, losses)
+    accuracies = curves[:, 1]
+    return EvalResult(mean, ci95, losses, *mean_ci95(accuracies), accuracies)
 
 
 __all__ = ["EvalResult", "evaluate", "mean_ci95"]

@@ -145,6 +145,51 @@ class MSELoss:
         return squared.sum() if self.reduction == "sum" else 0.5 * squared.sum()
 
 
+@dataclass(frozen=True)
+class CrossEntropyLoss:
+    """The mean softmax cross-entropy ``loss_fn(params, (x, y))`` of ``model_fn``'s logits over
+    rows, ``y`` integer class labels; see :func:`make_cross_entropy_loss`."""
+
+    model_fn: ModelFn
+
+    def logits(self, params: Params, x: Tensor) -> Tensor:
+        return self.model_fn(params, x)
+
+    def __call__(self, params: Params, batch: Batch) -> Tensor:
+        x, y = batch
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise TypeError(f"y must be an integer tensor of class labels, got {y.dtype}")
+        logits = self.model_fn(params, x)
+        if logits.ndim != 2 or y.shape != logits.shape[:1]:
+            raise ValueError(
+                f"the model must return (N, classes) logits and y must be (N,) labels, got logits "
+                f"{tuple(logits.shape)} and y {tuple(y.shape)}"
+            )
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    def accuracy(self, params: Params, batch: Batch) -> Tensor:
+        """The fraction of rows whose largest logit is the label (a 0-d tensor)."""
+        x, y = batch
+        return (self.model_fn(params, x).argmax(-1) == y).to(torch.get_default_dtype()).mean()
+
+
+def make_cross_entropy_loss(model_fn: ModelFn) -> CrossEntropyLoss:
+    r"""Turn ``model_fn(params, x) → logits (N, C)`` into the classification loss
+    ``loss_fn(params, (x, y)) = −(1/N) Σ_n log softmax(z_n)[y_n]`` with integer labels ``y`` (N,).
+
+    Integer labels are never cast to float anywhere in mamlkit (meta-batches, training,
+    evaluation); ``mamlkit.train.evaluate`` also reports accuracy for this loss.
+
+    Example:
+        >>> loss = make_cross_entropy_loss(lambda p, x: x @ p["w"])
+        >>> round(loss({"w": torch.zeros(2, 3)}, (torch.ones(4, 2), torch.tensor([0, 1, 2, 0]))).item(), 4)
+        1.0986
+    """
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be callable as model_fn(params, x), got {model_fn!r}")
+    return CrossEntropyLoss(model_fn)
+
+
 def make_mse_loss(model_fn: ModelFn, *, reduction: Reduction = "mean") -> MSELoss:
     r"""Turn ``model_fn(params, x)`` into ``loss_fn(params, (x, y))``, a squared error.
 

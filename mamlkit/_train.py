@@ -18,6 +18,7 @@ import dataclasses
 import math
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -155,7 +156,7 @@ def resolve_train_backend(backend: str, loss_fn: object, params: Params, iterati
     return "compiled" if iterations >= AUTO_COMPILE_ITERATIONS else "fused"
 
 
-_RESUMABLE_KEYS = ("iterations", "checkpoint_every")  # may differ between a run and its resume
+_RESUMABLE_KEYS = ("iterations", "checkpoint_every", "train_seconds")  # may differ between a run and its resume
 
 
 def meta_train(
@@ -288,7 +289,7 @@ def meta_train(
     generator = torch.Generator().manual_seed(seed)
     adam = adam_init(theta)
     history = torch.empty(iterations, dtype=torch.float64)
-    start = 0
+    start, previous_seconds, session_start = 0, 0.0, time.perf_counter()
     if resume:
         assert folder is not None
         saved = load_checkpoint(folder)
@@ -301,9 +302,11 @@ def meta_train(
                          {k: v.to(device) for k, v in saved.adam.v.items()})
         generator.set_state(saved.generator)
         start = saved.iteration
+        previous_seconds = float(saved.config.get("train_seconds", 0.0))
         history[:start] = saved.history
 
     batches: list[tuple[Any, Any]] = []
+    drawn_chunk = -1  # the chunk `batches` holds
     values: list[float] = history[:start].tolist()
     chunk_start_state = generator.get_state()
 
@@ -312,9 +315,14 @@ def meta_train(
     def current() -> tuple[Params, AdamState]:
         return (theta, adam) if plan is None else plan.unpack(state)
 
+    def stamp() -> None:  # training wall time, summed over the sessions of a resumed run
+        config["train_seconds"] = round(previous_seconds + time.perf_counter() - session_start, 3)
+
     def snapshot(done: int, status: str) -> Checkpoint:
+        stamp()
         # the generator as it was before drawing the chunk that holds iteration `done`
-        generator_state = generator.get_state() if done % chunk == 0 else chunk_start_state
+        drawn = drawn_chunk == done // chunk  # iteration `done`'s tasks are already drawn
+        generator_state = chunk_start_state if drawn else generator.get_state()
         params_now, adam_now = current()
         history[:done] = torch.tensor(values[:done], dtype=torch.float64)
         return Checkpoint(tree_detach(params_now), adam_now, done, generator_state, history[:done].clone(),
@@ -324,6 +332,7 @@ def meta_train(
         return save_checkpoint(snapshot(done, status), folder) if folder is not None else None
 
     def result(done: int) -> TrainResult:
+        stamp()
         params_now, _ = current()
         history[:done] = torch.tensor(values[:done], dtype=torch.float64)
         return TrainResult(tree_detach(params_now), history[:done].clone(), config)
@@ -339,6 +348,7 @@ def meta_train(
             if it % chunk == 0 or it == start:
                 chunk_start_state = generator.get_state()
                 batches = _draw_chunk(sample_tasks, meta_batch_size, chunk, generator, dtype, device)
+                drawn_chunk = it // chunk
                 if plan is None:
                     plan = plan_meta_batch(entry.name, loss_fn, theta, *batches[0], lr=lr,
                                            steps=steps, backend=concrete, hypers=hypers)

@@ -361,3 +361,28 @@ def test_the_95_interval_covers_a_known_mean_about_95_percent_of_the_time():
     covered = ((mean - 2.0).abs() <= half).double().mean().item()
     assert 0.92 <= covered <= 0.98, covered
     assert ((mean - 2.0).abs() <= half / 24).double().mean().item() < 0.2
+
+
+def test_a_diverged_checkpoint_holds_the_generator_from_before_its_chunk_was_drawn(tmp_path):
+    """The run diverges inside the first chunk of tasks, after that chunk was drawn: resuming must
+    draw the same chunk again, so the checkpoint holds the freshly seeded generator."""
+    with pytest.raises(TrainingDiverged) as first:
+        train("fomaml", lr=1e200, checkpoint_dir=tmp_path, iterations=250)
+    saved = load_checkpoint(tmp_path)
+    assert saved.iteration == first.value.iteration < saved.config["sample_chunk"]
+    assert torch.equal(saved.generator, torch.Generator().manual_seed(TINY["seed"]).get_state())
+    with pytest.raises(TrainingDiverged) as again:
+        train("fomaml", lr=1e200, checkpoint_dir=tmp_path, iterations=250, resume=True)
+    assert again.value.iteration == first.value.iteration
+
+
+def test_a_divergence_inside_a_drawn_chunk_resumes_on_the_same_tasks(tmp_path):
+    """Stop on a chunk boundary after its tasks were drawn: the checkpoint must hold the
+    generator from before that draw."""
+    full = train("maml", iterations=40)
+    chunk = full.config["sample_chunk"]
+    with pytest.raises(TrainingInterrupted):
+        train("maml", iterations=40, checkpoint_dir=tmp_path, log_every=1,
+              on_log=_interrupt_at(min(chunk, 20)))
+    resumed = train("maml", iterations=40, checkpoint_dir=tmp_path, resume=True)
+    assert torch.equal(resumed.history, full.history)

@@ -15,7 +15,6 @@ import math
 import os
 import queue as queue_module
 import signal
-import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -84,12 +83,16 @@ def over_seeds(curves: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, lis
     95 % half-width, per fine-tuning step) over training seeds: the mean over seeds, the
     between-seed standard deviation (n − 1; 0 for one seed), and the mean test-task half-width."""
     steps = len(curves[0]["mean"])
-    out: dict[str, list[float]] = {"mean": [], "seed_sd": [], "ci95": []}
+    out: dict[str, Any] = {"mean": [], "seed_sd": [], "ci95": []}
     for j in range(steps):
         values = [c["mean"][j] for c in curves]
-        out["mean"].append(statistics.fmean(values))
-        out["seed_sd"].append(statistics.stdev(values) if len(values) > 1 else 0.0)
-        out["ci95"].append(statistics.fmean(c["ci95"][j] for c in curves))
+        mean = sum(values) / len(values)
+        spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        out["mean"].append(mean)
+        out["seed_sd"].append(spread)
+        out["ci95"].append(sum(c["ci95"][j] for c in curves) / len(curves))
+    if all("diverged" in c for c in curves):
+        out["diverged"] = [c["diverged"] for c in curves]
     return out
 
 

@@ -1,0 +1,127 @@
+r"""Your own ``torch.nn.Module`` as mamlkit's ``(params, model_fn)``.
+
+``params, model_fn = from_module(module)`` gives the module's parameters as a plain dict and a
+function ``model_fn(params, x)`` that runs the module's forward with *those* parameters
+(``torch.func.functional_call``), so every engine — ``maml_grad``, ``hvp``, ``meta_batch_grad``
+on every backend, ``meta_train`` — differentiates through the module as through a formula.
+
+BatchNorm is the one layer whose forward has state (its running statistics). The MAML reference
+code normalises with the statistics of the batch at hand, in the inner loop and at query time;
+``batch_norm="batch"`` (the default) does the same and never reads or writes the running
+statistics. That evaluation is *transductive*: a query image is normalised with the statistics
+of the other query images of its task, so predictions depend on which images are scored together
+(cbfinn/maml issue #37); score whole query sets, as the paper does. ``batch_norm="running"``
+normalises with the module's stored running statistics, frozen (an inductive evaluation, as
+``module.eval()``). ``torch.func`` refuses the usual train-mode BatchNorm because it updates its
+running statistics in place, a mutation of a tensor the transformed function captured; neither
+mode here mutates anything, which is also why the caller's module is never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ._params import Params
+
+BatchNormMode = Literal["batch", "running"]
+_BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleFn:
+    """``model_fn(params, x)``: a private copy of a module, run with the given parameters.
+
+    Attributes:
+        module: the copy (in the mode ``batch_norm`` asks for); never the caller's module.
+        batch_norm: ``"batch"`` or ``"running"``.
+    """
+
+    module: nn.Module = field(repr=False)
+    batch_norm: str
+    buffers: dict[str, Tensor] = field(repr=False, default_factory=dict)
+
+    def __call__(self, params: Params, x: Tensor) -> Tensor:
+        if self.buffers:
+            return functional_call(self.module, (params, self.buffers), (x,), strict=True)
+        return functional_call(self.module, params, (x,), strict=True)
+
+    @property
+    def __qualname__(self) -> str:  # what a run's config records
+        return f"from_module({type(self.module).__name__}, batch_norm={self.batch_norm!r})"
+
+
+def from_module(module: nn.Module, *, batch_norm: BatchNormMode = "batch") -> tuple[Params, ModuleFn]:
+    r"""``(params, model_fn)`` of a ``torch.nn.Module``, for every mamlkit engine.
+
+    Args:
+        module: any module whose forward takes one tensor; never changed (parameters, buffers,
+            running statistics, ``num_batches_tracked`` and the training flag stay as they are).
+        batch_norm: ``"batch"``: every call normalises with the statistics of its own ``x`` and
+            ignores the running statistics (the MAML reference code; transductive, see the
+            module docstring); ``"running"``: the stored running statistics, frozen.
+
+    Returns:
+        ``params``: the parameters in ``named_parameters()`` order, equal values, new detached
+        tensors; ``model_fn``: a :class:`ModuleFn`, ``model_fn(params, x)`` = the module's forward.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
+        ValueError: an unknown ``batch_norm``; a module without parameters; dropout (its random
+            masks would differ between the inner and outer passes of a meta-gradient); a
+            ``"running"`` BatchNorm without running statistics; buffers outside BatchNorm
+            layers (state mamlkit would not carry).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 1))
+        >>> params, model_fn = from_module(net)
+        >>> list(params), model_fn(params, torch.ones(4, 2)).shape
+        (['0.weight', '0.bias', '1.weight', '1.bias', '2.weight', '2.bias'], torch.Size([4, 1]))
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if batch_norm not in ("batch", "running"):
+        raise ValueError(f"batch_norm must be 'batch' or 'running', got {batch_norm!r}")
+    for name, sub in module.named_modules():
+        if isinstance(sub, _DROPOUTS) and getattr(sub, "p", 0) > 0:
+            raise ValueError(f"module {name or type(module).__name__!r} is {type(sub).__name__}(p={sub.p}): "
+                             "from_module does not support dropout (its random masks would differ "
+                             "between the passes of a meta-gradient); use p=0 or remove it")
+    norm_buffers = {f"{name}.{b}" if name else b for name, sub in module.named_modules()
+                    if isinstance(sub, _BATCH_NORMS) for b, _ in sub.named_buffers(recurse=False)}
+    others = [name for name, _ in module.named_buffers() if name not in norm_buffers]
+    if others:
+        raise ValueError(f"module has buffers outside BatchNorm layers {others[:4]}: from_module "
+                         "carries parameters only; make them parameters or constants")
+    params = {name: p.detach().clone() for name, p in module.named_parameters()}
+    if not params:
+        raise ValueError("module has no parameters")
+    clone = copy.deepcopy(module)
+    buffers: dict[str, Tensor] = {}
+    if batch_norm == "batch":
+        clone.eval()
+        for sub in clone.modules():
+            if isinstance(sub, _BATCH_NORMS):
+                sub.running_mean = sub.running_var = None
+                sub.num_batches_tracked = None
+                sub.track_running_stats = False
+                sub.train()  # batch statistics, nothing stored
+    else:
+        clone.eval()
+        for name, sub in clone.named_modules():
+            if isinstance(sub, _BATCH_NORMS) and sub.running_mean is None:
+                raise ValueError(f"BatchNorm {name!r} keeps no running statistics "
+                                 "(track_running_stats=False): use batch_norm='batch'")
+        buffers = {name: b.detach().clone() for name, b in clone.named_buffers()}
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return params, ModuleFn(clone, batch_norm, buffers)
+
+
+__all__ = ["ModuleFn", "from_module"]
+
