@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._curvature import hessian, hvp, mse_hessian_parts
+from ._curvature import cross_entropy_hessian_parts, hessian, hvp, mse_hessian_parts
 from ._estimators import (
     IMAMLResult,
     MetaGradientReport,
@@ -22,7 +22,7 @@ from ._estimators import (
     imaml,
     reptile_grad,
 )
-from ._metabatch import BACKENDS, meta_batch_grad
+from ._metabatch import meta_batch_grad
 from ._metagrad import (
     adapt,
     fomaml_grad,
@@ -32,7 +32,8 @@ from ._metagrad import (
     maml_grad_jacobian,
 )
 from ._methods import METHODS
-from ._models import init_mlp, make_mse_loss, mlp
+from ._models import init_mlp, make_cross_entropy_loss, make_mse_loss, mlp
+from ._module import from_module
 from ._params import flatten_params, num_params, unflatten_params
 from ._runtime import set_cpu_threads
 
@@ -50,20 +51,22 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "BACKENDS",
     "METHODS",
     "IMAMLResult",
     "MetaGradientReport",
     "adapt",
     "compare_meta_gradient",
+    "cross_entropy_hessian_parts",
     "es_maml_grad",
     "flatten_params",
     "fomaml_grad",
+    "from_module",
     "hessian",
     "hvp",
     "imaml",
     "init_mlp",
     "inner_jacobian",
+    "make_cross_entropy_loss",
     "make_mse_loss",
     "maml_grad",
     "maml_grad_hvp",

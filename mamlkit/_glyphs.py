@@ -39,6 +39,7 @@ import math
 import os
 import tempfile
 import unicodedata
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -142,6 +143,12 @@ def _render(font: object, cp: int) -> Tensor | None:
 
 
 def _build() -> GlyphBank:
+    with warnings.catch_warnings():  # FreeType's "glyph missing" notes for the probe code points
+        warnings.simplefilter("ignore")
+        return _render_all()
+
+
+def _render_all() -> GlyphBank:
     from matplotlib.ft2font import FT2Font
 
     folder = _fonts_dir()

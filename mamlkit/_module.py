@@ -23,6 +23,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -51,9 +52,45 @@ class ModuleFn:
             return functional_call(self.module, (params, self.buffers), (x,), strict=True)
         return functional_call(self.module, params, (x,), strict=True)
 
-    @property
-    def __qualname__(self) -> str:  # what a run's config records
-        return f"from_module({type(self.module).__name__}, batch_norm={self.batch_norm!r})"
+
+class _Norm(nn.Module):
+    """BatchNorm written with plain tensor operations (the same parameters, names and numbers).
+
+    ``torch.func``'s vmap-based transforms (``jacrev``, ``hessian``, ``vmap`` of a
+    vector-Jacobian product) give silently wrong second derivatives through the native
+    ``batch_norm`` kernel in training mode with no running statistics (a Hessian that is not even
+    symmetric, measured in mamlkit's tests against finite differences); these operations have
+    exact batching rules. ``stats``: ``"batch"`` normalises with the statistics of the input over
+    every dimension but the channels, ``"running"`` with the given running statistics.
+    """
+
+    def __init__(self, source: nn.modules.batchnorm._BatchNorm, stats: str) -> None:
+        super().__init__()
+        self.eps, self.stats, self.affine = source.eps, stats, source.affine
+        if source.affine:
+            self.weight, self.bias = source.weight, source.bias
+        if stats == "running":
+            self.register_buffer("running_mean", source.running_mean.detach().clone())
+            self.register_buffer("running_var", source.running_var.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        if self.stats == "batch":
+            dims = [0, *range(2, x.ndim)]
+            mean = x.mean(dims, keepdim=True)
+            var = ((x - mean) ** 2).mean(dims, keepdim=True)  # biased, as BatchNorm normalises
+        else:
+            mean, var = self.running_mean.view(shape), self.running_var.view(shape)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def _replace_norms(module: nn.Module, stats: str) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, _BATCH_NORMS):
+            setattr(module, name, _Norm(child, stats))
+        else:
+            _replace_norms(child, stats)
 
 
 def from_module(module: nn.Module, *, batch_norm: BatchNormMode = "batch") -> tuple[Params, ModuleFn]:
@@ -101,23 +138,14 @@ def from_module(module: nn.Module, *, batch_norm: BatchNormMode = "batch") -> tu
     params = {name: p.detach().clone() for name, p in module.named_parameters()}
     if not params:
         raise ValueError("module has no parameters")
-    clone = copy.deepcopy(module)
-    buffers: dict[str, Tensor] = {}
-    if batch_norm == "batch":
-        clone.eval()
-        for sub in clone.modules():
-            if isinstance(sub, _BATCH_NORMS):
-                sub.running_mean = sub.running_var = None
-                sub.num_batches_tracked = None
-                sub.track_running_stats = False
-                sub.train()  # batch statistics, nothing stored
-    else:
-        clone.eval()
-        for name, sub in clone.named_modules():
+    if batch_norm == "running":
+        for name, sub in module.named_modules():
             if isinstance(sub, _BATCH_NORMS) and sub.running_mean is None:
                 raise ValueError(f"BatchNorm {name!r} keeps no running statistics "
                                  "(track_running_stats=False): use batch_norm='batch'")
-        buffers = {name: b.detach().clone() for name, b in clone.named_buffers()}
+    clone = copy.deepcopy(module).eval()
+    _replace_norms(clone, batch_norm)
+    buffers = {name: b for name, b in clone.named_buffers()}
     for p in clone.parameters():
         p.requires_grad_(False)
     return params, ModuleFn(clone, batch_norm, buffers)
