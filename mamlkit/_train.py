@@ -319,7 +319,6 @@ def meta_train(
         config["train_seconds"] = round(previous_seconds + time.perf_counter() - session_start, 3)
 
     def snapshot(done: int, status: str) -> Checkpoint:
-        stamp()
         # the generator as it was before drawing the chunk that holds iteration `done`
         drawn = drawn_chunk == done // chunk  # iteration `done`'s tasks are already drawn
         generator_state = chunk_start_state if drawn else generator.get_state()
@@ -329,10 +328,12 @@ def meta_train(
                           config, status)
 
     def save(done: int, status: str) -> Path | None:
+        stamp()  # the saved config and the returned result carry the same training time
         return save_checkpoint(snapshot(done, status), folder) if folder is not None else None
 
     def result(done: int) -> TrainResult:
-        stamp()
+        if folder is None:
+            stamp()
         params_now, _ = current()
         history[:done] = torch.tensor(values[:done], dtype=torch.float64)
         return TrainResult(tree_detach(params_now), history[:done].clone(), config)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mamlkit._experiments.glyphs import nearest_neighbour, reproduce_glyphs, run_checks
-from mamlkit.tasks import GlyphFamily, conv_net, glyph_bank
 from mamlkit._glyphs import DUPLICATE, SPLITS
+from mamlkit.tasks import GlyphFamily, conv_net, glyph_bank
 
 
 @pytest.fixture(scope="module")

@@ -129,6 +129,7 @@ def _setup(kind: str) -> dict[str, Any]:
         "query": query,
         "v": v,
         "vector": randn(mamlkit.num_params(params)),
+        "labels": torch.tensor([0, 1, 1, 0, 1]),  # class labels for the two outputs as logits
     }
 
 
@@ -161,6 +162,12 @@ CALLS: dict[str, Callable[[dict[str, Any]], object]] = {
     "mse_hessian_parts": lambda s: mamlkit.mse_hessian_parts(
         s["model_fn"], s["params"], *s["support"]
     ),
+    "cross_entropy_hessian_parts": lambda s: mamlkit.cross_entropy_hessian_parts(
+        s["model_fn"], s["params"], s["support"][0], s["labels"]
+    ),
+    "make_cross_entropy_loss": lambda s: mamlkit.make_cross_entropy_loss(s["model_fn"])(
+        s["params"], (s["support"][0], s["labels"])
+    ),
     "make_mse_loss": lambda s: mamlkit.make_mse_loss(s["model_fn"], reduction="half_sum")(
         s["params"], s["query"]
     ),
@@ -176,7 +183,7 @@ COVERS = {name.split("[")[0] for name in CALLS}
 @pytest.mark.parametrize("name", list(CALLS))
 def test_caller_arguments_are_unchanged(name: str, kind: str) -> None:
     setup = _setup(kind)
-    owned = {k: setup[k] for k in ("params", "support", "query", "v", "vector")}
+    owned = {k: setup[k] for k in ("params", "support", "query", "v", "vector", "labels")}
     before = _state(owned)
     grad_mode, dtype, rng = (
         torch.is_grad_enabled(),
