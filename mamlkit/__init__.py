@@ -3,9 +3,10 @@
 Parameters are ``dict[str, Tensor]``, losses are ``loss_fn(params, batch)`` with
 ``batch = (x, y)``, models are ``model_fn(params, x)`` — the ``torch.func`` way.
 
-The top level holds the derivation's engines; three public submodules hold the rest:
+The top level holds the derivation's engines; four public submodules hold the rest:
 ``mamlkit.tasks`` (task families), ``mamlkit.train`` (meta-training, Adam, checkpoints,
-evaluation) and ``mamlkit.symbolic`` (sympy receipts, imported on first use).
+evaluation), ``mamlkit.symbolic`` (sympy receipts) and ``mamlkit.profiling`` (peak tensor
+memory), each imported on first use.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ from ._runtime import set_cpu_threads
 
 __version__ = "0.2.0"
 
-_SUBMODULES = ("symbolic", "tasks", "train")
+_SUBMODULES = ("profiling", "symbolic", "tasks", "train")
 
 
 def __getattr__(name: str) -> Any:
-    """``mamlkit.symbolic``, ``mamlkit.tasks`` and ``mamlkit.train`` load on first use (sympy
+    """``mamlkit.symbolic``, ``mamlkit.tasks``, ``mamlkit.train`` and ``mamlkit.profiling`` load on first use (sympy
     alone would add a quarter of a second to ``import mamlkit``)."""
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
@@ -75,6 +76,7 @@ __all__ = [
     "mlp",
     "mse_hessian_parts",
     "num_params",
+    "profiling",
     "reptile_grad",
     "set_cpu_threads",
     "symbolic",

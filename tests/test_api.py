@@ -110,7 +110,7 @@ def test_import_mamlkit_does_not_import_matplotlib() -> None:
     assert out.stdout.strip() == "[]", f"import mamlkit pulled in {out.stdout.strip()}"
 
 
-SUBMODULES = ("tasks", "train")
+SUBMODULES = ("profiling", "tasks", "train")
 
 
 @pytest.mark.parametrize("module", SUBMODULES)
@@ -130,7 +130,7 @@ def test_the_top_level_is_the_derivation_and_no_name_is_public_twice() -> None:
     top = set(mamlkit.__all__)
     for module in SUBMODULES:
         assert not top & set(getattr(mamlkit, module).__all__), f"{module} names repeated at the top"
-    assert len(top) <= 30
+    assert len(top - {"profiling", "symbolic", "tasks", "train"}) <= 27  # functions and types
 
 
 def test_import_mamlkit_is_light() -> None:
@@ -143,3 +143,19 @@ def test_import_mamlkit_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.split() == ["[]", "True"], out.stdout
+
+
+def test_peak_memory_counts_storages_once_and_frees_them():
+    import torch
+
+    from mamlkit.profiling import PeakMemory
+
+    with PeakMemory() as meter:
+        first = torch.zeros(1000, dtype=torch.float32)  # 4 000 bytes
+        second = torch.zeros(2000, dtype=torch.float32)  # 12 000 alive
+        view = second[:10]  # a view: no new storage
+        del first  # 8 000 alive
+        third = torch.zeros(1000, dtype=torch.float32)  # 12 000 again, peak unchanged
+    assert (meter.peak, meter.live) == (12_000, 12_000)
+    del second, third, view
+    assert meter.live == 0
