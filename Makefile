@@ -14,11 +14,18 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # JupyterLab refuses to start as root (containers, CI boxes) unless told it may.
 LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: install lab test test-compiled notebooks verify lint bench reproduce clean
+# Headless runs (tests, re-execution, the book) skip the live slider cells: each has a static twin,
+# and a widget cell can block a headless kernel client (jupyter/nbclient#312).
+HEADLESS := MAMLKIT_HEADLESS=1
+CELL_TIMEOUT ?= 300
+
+.PHONY: install lab test test-compiled notebooks verify lint bench reproduce book book-check clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
+	@echo "First run: creating $(VENV) and installing mamlkit with torch 2.13.0 (CPU), JupyterLab and the"
+	@echo "test tools from pyproject.toml + constraints.txt (a few minutes, about 1 GB; once only)."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
@@ -31,7 +38,7 @@ lab: install
 
 ## test: unit tests, doctests and every notebook under nbval (quick mode), on two processes
 test: install
-	MAMLKIT_QUICK=1 $(BIN)/python -m pytest -n 2 --dist loadfile
+	$(HEADLESS) MAMLKIT_QUICK=1 $(BIN)/python -m pytest -n 2 --dist loadfile --nbval-cell-timeout=$(CELL_TIMEOUT)
 
 ## test-compiled: every method on both compiled backends against the per-task engines (slow: cold compiles)
 test-compiled: install
@@ -39,8 +46,8 @@ test-compiled: install
 
 ## notebooks: re-execute every notebook in place, headless (regenerates committed outputs)
 notebooks: install
-	$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-		--ExecutePreprocessor.timeout=1200 notebooks/*.ipynb
+	$(HEADLESS) $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+		--ExecutePreprocessor.timeout=$(CELL_TIMEOUT) notebooks/*.ipynb
 
 ## verify: every identity the notebooks claim, checked from the command line
 verify: install
@@ -56,8 +63,19 @@ bench: install
 reproduce: install
 	$(BIN)/python -m mamlkit reproduce sinusoid
 
+## book: an offline HTML book of the notebooks from their stored outputs (installs the `book` extra)
+book: install
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[book]'
+	$(BIN)/jupyter-book build . --config book/_config.yml --toc book/_toc.yml --path-output book --warningiserror --quiet
+	@echo "$(CURDIR)/book/_build/html/index.html"
+
+## book-check: open every page in headless Chromium (Debian: apt-get install chromium), offline
+book-check: book
+	$(BIN)/python book/check_book.py book/_build/html
+
+## lint: ruff on the package, tests, benchmarks and the book check
 lint: install
-	$(BIN)/ruff check mamlkit tests benchmarks
+	$(BIN)/ruff check mamlkit tests benchmarks book
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info book/_build

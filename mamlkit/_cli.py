@@ -25,7 +25,14 @@ BACKEND_CHOICES = ("auto", "vmap", "fused", "compiled")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown in --help, descriptions kept as written."""
+    """Defaults shown in --help (unless the help text already says what the default is, or there is
+    none), descriptions kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def _seed(text: str) -> int:
