@@ -53,10 +53,11 @@ notebooks: install
 verify: install
 	$(BIN)/python -m mamlkit verify
 
-## bench: mamlkit's training path side by side with the MAML libraries (writes benchmarks/results/)
+## bench: the meta-gradient beside compiled torch.func, JAX, higher, torchopt; the conv net (writes benchmarks/results/)
 bench: install
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
 	$(BIN)/python benchmarks/bench_meta.py
+	$(BIN)/python benchmarks/bench_conv.py
 	$(BIN)/python benchmarks/bench_threads.py
 
 ## reproduce: the MAML paper's sinusoid experiment, all methods (writes results/sinusoid/)

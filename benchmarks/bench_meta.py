@@ -315,7 +315,7 @@ def check_gradients(cases: list[tuple[str, str]]) -> dict[str, float]:
     errors = {}
     refs = {s: reference(s, params, support, query) for s in {s for _, s in cases}}
     for impl, setting in cases:
-        got = {k: torch.as_tensor(np.asarray(v)) for k, v in IMPLS[impl](params, setting).grad(support, query).items()}
+        got = {k: torch.as_tensor(np.array(v)) for k, v in IMPLS[impl](params, setting).grad(support, query).items()}
         ref = refs[setting]
         scale = max(float(v.abs().max()) for v in ref.values())
         error = max(float((got[k].to(torch.float64) - ref[k]).abs().max()) for k in ref) / scale

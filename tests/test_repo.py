@@ -134,3 +134,15 @@ def test_torch_floor_excludes_the_weights_only_loading_cve(pyproject: dict) -> N
     """torch ≤ 2.5.1 can execute code while loading with weights_only=True (CVE-2025-32434)."""
     supported = {Requirement(d).name: Requirement(d).specifier for d in pyproject["project"]["dependencies"]}
     assert Version("2.5.1") not in supported["torch"] and Version("2.6.0") in supported["torch"]
+
+
+def test_the_readme_python_examples_run() -> None:
+    """The README's Python blocks, in order, in one namespace: an example that drifts from the API fails."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    torch = namespace["torch"]
+    assert set(namespace["grads"]) == {n for n, _ in namespace["net"].named_parameters()}
+    assert all(torch.isfinite(v).all() for v in namespace["g_fo"].values())
