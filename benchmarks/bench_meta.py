@@ -262,6 +262,11 @@ class TorchOpt(Impl):
         return {k: p.grad for k, p in zip(NAMES, leaves)}
 
 
+def _as_torch(value: Any) -> Tensor:
+    """A torch tensor of a torch or JAX result (JAX arrays are read-only: copied)."""
+    return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value).copy())
+
+
 IMPLS: dict[str, type[Impl]] = {
     COMPILED: MamlkitBackend,
     "mamlkit fused": MamlkitFused,
@@ -315,7 +320,7 @@ def check_gradients(cases: list[tuple[str, str]]) -> dict[str, float]:
     errors = {}
     refs = {s: reference(s, params, support, query) for s in {s for _, s in cases}}
     for impl, setting in cases:
-        got = {k: torch.as_tensor(np.array(v)) for k, v in IMPLS[impl](params, setting).grad(support, query).items()}
+        got = {k: _as_torch(v) for k, v in IMPLS[impl](params, setting).grad(support, query).items()}
         ref = refs[setting]
         scale = max(float(v.abs().max()) for v in ref.values())
         error = max(float((got[k].to(torch.float64) - ref[k]).abs().max()) for k in ref) / scale
