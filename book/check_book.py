@@ -13,6 +13,7 @@ Usage: python book/check_book.py [path/to/html]   (exit status 1 with one line p
 from __future__ import annotations
 
 import html
+import json
 import re
 import shutil
 import struct
@@ -71,6 +72,12 @@ def check_page(exe: str, page: Path, root: Path, profile: str) -> tuple[list[str
                 failures.append(f"{page.name}: image outside the book or empty: {src}")
         except (OSError, ValueError) as error:
             failures.append(f"{page.name}: image {src} does not show ({error})")
+    notebook = Path("notebooks") / f"{page.stem}.ipynb"
+    if page.parent.name == "notebooks" and notebook.is_file():
+        stored = sum("image/png" in o.get("data", {}) for c in json.loads(notebook.read_text())["cells"]
+                     for o in c.get("outputs", []))
+        if len(images) < stored:
+            failures.append(f"{page.name}: {len(images)} figures shown, the notebook stores {stored}")
     return failures, formulas, len(images)
 
 
