@@ -42,7 +42,7 @@ test: install
 
 ## test-compiled: every method on both compiled backends against the per-task engines (slow: cold compiles)
 test-compiled: install
-	$(BIN)/python benchmarks/check_compiled.py
+	$(BIN)/python -m pytest -m slow tests/test_compiled.py
 
 ## notebooks: re-execute every notebook in place, headless (regenerates committed outputs)
 notebooks: install

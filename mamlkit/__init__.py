@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ._backends import BACKENDS
 from ._curvature import cross_entropy_hessian_parts, hessian, hvp, mse_hessian_parts
 from ._estimators import (
     IMAMLResult,
@@ -32,7 +33,7 @@ from ._metagrad import (
     maml_grad_hvp,
     maml_grad_jacobian,
 )
-from ._methods import METHODS
+from ._methods import METHODS, Adaptation, Hyper, Method, register_method
 from ._models import init_mlp, make_cross_entropy_loss, make_mse_loss, mlp
 from ._module import from_module
 from ._params import flatten_params, num_params, unflatten_params
@@ -52,9 +53,13 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "BACKENDS",
     "METHODS",
+    "Adaptation",
+    "Hyper",
     "IMAMLResult",
     "MetaGradientReport",
+    "Method",
     "adapt",
     "compare_meta_gradient",
     "cross_entropy_hessian_parts",
@@ -77,6 +82,7 @@ __all__ = [
     "mse_hessian_parts",
     "num_params",
     "profiling",
+    "register_method",
     "reptile_grad",
     "set_cpu_threads",
     "symbolic",

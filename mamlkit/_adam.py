@@ -12,6 +12,7 @@ r"""Adam on plain dicts, with a typed state (as optax's ``ScaleByAdamState``), a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -36,6 +37,32 @@ class AdamState(NamedTuple):
     step: int
     m: Params
     v: Params
+
+
+@dataclass(frozen=True)
+class Adam:
+    """The built-in meta-optimizer as a value: ``torch.optim.Adam``'s update on plain dicts.
+
+    ``meta_train`` runs it inside the compiled whole-iteration step where a backend has one.
+
+    Attributes:
+        lr: the step size β > 0 (a schedule may change it per iteration).
+        betas: (β₁, β₂).
+        eps: ε.
+    """
+
+    lr: float
+    betas: tuple[float, float] = ADAM_BETAS
+    eps: float = ADAM_EPS
+
+    def init(self, params: Mapping[str, Tensor]) -> AdamState:
+        """The state before the first step (see :func:`adam_init`)."""
+        return adam_init(params)
+
+    def update(self, params: Params, grads: Mapping[str, Tensor], state: AdamState,
+               lr: float | None = None) -> tuple[Params, AdamState]:
+        """One step of size ``lr`` (default :attr:`lr`), unchecked (training's inner loop)."""
+        return _adam_update(params, grads, state, self.lr if lr is None else lr, self.betas, self.eps)
 
 
 def adam_init(params: Mapping[str, Tensor]) -> AdamState:

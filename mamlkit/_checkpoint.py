@@ -3,17 +3,14 @@
 A checkpoint is a single ``torch.save`` file (``checkpoint.pt``) with the parameters, Adam's
 state, the iteration, the task generator's state, the loss history, the run's config (as
 JSON text) and a status. One file means parameters and config can never disagree. It is written
-to a temporary file in the same folder, flushed, ``fsync``-ed and moved over the old one with
-``os.replace``, so a crash or a kill at any moment leaves either the old checkpoint or the new
-one, never a torn file. Loading uses ``torch.load(weights_only=True)`` (no code runs while
+atomically (``mamlkit._files``), so a crash or a kill at any moment leaves either the old
+checkpoint or the new one, never a torn file. Loading uses ``torch.load(weights_only=True)`` (no code runs while
 loading) and names the file in every error.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._adam import AdamState
+from ._files import save_torch
 from ._params import Params
 
 FORMAT = "mamlkit-checkpoint"
@@ -84,33 +82,7 @@ def save_checkpoint(checkpoint: Checkpoint, location: str | Path) -> Path:
         "config": json.dumps(checkpoint.config),
         "status": checkpoint.status,
     }
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-save
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_directory(path.parent)
-    return path
-
-
-def _fsync_directory(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - not every platform opens folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+    return save_torch(path, record)
 
 
 _KEYS = ("params", "adam_step", "adam_m", "adam_v", "iteration", "generator", "history",

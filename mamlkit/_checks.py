@@ -147,27 +147,27 @@ def check_meta_batch(support: object, query: object, like: Tensor | None = None)
     return batches[0], batches[1]
 
 
-def check_lr(lr: object, name: str = "lr") -> float:
+def check_finite(value: object, name: str) -> float:
     """A finite real number (bool and tensors are refused)."""
-    if isinstance(lr, bool) or not isinstance(lr, Real):
-        raise TypeError(f"{name} must be a real number, got {type(lr).__name__}")
-    if not math.isfinite(float(lr)):
-        raise ValueError(f"{name} must be finite, got {lr}")
-    return float(lr)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
 
 
-def check_steps(steps: object, name: str = "steps", minimum: int = 0) -> int:
+def check_int(value: object, name: str, minimum: int = 0) -> int:
     """An int >= ``minimum`` (bool is refused)."""
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"{name} must be an int, got {type(steps).__name__}")
-    if steps < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {steps}")
-    return steps
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 def check_positive(value: object, name: str) -> float:
     """A finite real number > 0."""
-    value = check_lr(value, name)
+    value = check_finite(value, name)
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return value
@@ -175,7 +175,7 @@ def check_positive(value: object, name: str) -> float:
 
 def check_nonnegative(value: object, name: str) -> float:
     """A finite real number >= 0."""
-    value = check_lr(value, name)
+    value = check_finite(value, name)
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
@@ -183,7 +183,7 @@ def check_nonnegative(value: object, name: str) -> float:
 
 def check_positive_int(value: object, name: str) -> int:
     """An int >= 1."""
-    return check_steps(value, name, minimum=1)
+    return check_int(value, name, minimum=1)
 
 
 def check_seed(seed: object, name: str = "seed") -> int:

@@ -17,11 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from ._backends import CHOICES as BACKEND_CHOICES
 from ._checks import SEED_MAX
+from ._experiments.common import EXPERIMENTS
 from ._methods import METHODS, get_method, hyper_table
 from ._runtime import set_cpu_threads
 
-BACKEND_CHOICES = ("auto", "vmap", "fused", "compiled")
+DESCRIPTION = """The MAML meta-gradient, derived and checked, from the command line.
+
+Every setting and output path is checked before any work starts. A usage mistake exits with
+status 2; any other error prints one line and exits with 1 (the traceback with --debug or
+MAMLKIT_DEBUG=1). A run stopped by SIGINT or SIGTERM checkpoints, prints one line and exits
+with 130 or 143."""
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -91,16 +98,11 @@ def _output_file(parser: argparse.ArgumentParser, flag: str, path: str | None) -
                      "or not writable)")
 
 
-def _method_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
-    """The method's sinusoid settings with the command line's overrides; a flag the method does
-    not take is a usage error."""
-    from ._experiments.sinusoid import SETTINGS, check_settings
-
+def _method_changes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The command line's changes to the method's settings; a flag the method does not take is a
+    usage error."""
     method = get_method(args.method)
-    settings = dict(SETTINGS[method.name])
-    for name in ("lr", "steps"):
-        if getattr(args, name) is not None:
-            settings[name] = getattr(args, name)
+    changes = {name: getattr(args, name) for name in ("lr", "steps") if getattr(args, name) is not None}
     taken = {h.name for h in method.hypers}
     for name in hyper_table():
         value = getattr(args, name)
@@ -109,12 +111,8 @@ def _method_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         if name not in taken:
             parser.error(f"argument --{name.replace('_', '-')}: method {method.name!r} does not "
                          f"take it (its hyper-parameters: {sorted(taken) or 'none'})")
-        settings[name] = value
-    try:
-        return check_settings({method.name: settings})[method.name]
-    except (TypeError, ValueError) as error:
-        parser.error(str(error))
-        raise  # unreachable
+        changes[name] = value
+    return changes
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -129,22 +127,26 @@ def _verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ._experiments.sinusoid import train_sinusoid
-    from ._train import check_writable_folder
+    from ._experiments.sinusoid import EXPERIMENT, SinusoidProtocol
+    from ._files import check_writable_folder
+    from ._train import run_training
 
-    settings = _method_settings(parser, args)
     device = _device(parser, args.device)
-    if args.checkpoint_every is not None and args.checkpoint_every < 1:
-        parser.error("argument --checkpoint-every: must be >= 1")
+    protocol = SinusoidProtocol(
+        sizes=tuple(args.sizes), k_train=args.k, meta_batch_size=args.meta_batch_size,
+        iterations=args.iterations, meta_lr=args.meta_lr, backend=args.backend, device=device,
+        checkpoint_every=args.checkpoint_every, changes={args.method: _method_changes(parser, args)},
+    )
+    try:
+        setup = EXPERIMENT.setup(protocol, args.method, args.seed)
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
     out = check_writable_folder(args.out, "--out")
     if args.resume and not (out / "checkpoint.pt").is_file():
         parser.error(f"argument --resume: no checkpoint in {str(out)!r} to resume")
-    result = train_sinusoid(
-        args.method, settings, sizes=tuple(args.sizes), k_train=args.k,
-        meta_batch_size=args.meta_batch_size, iterations=args.iterations, meta_lr=args.meta_lr,
-        seed=args.seed, backend=args.backend, device=device, checkpoint_dir=out,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.no_progress,
-    )
+    result = run_training(setup.config, setup.loss_fn, setup.params, setup.sample_tasks, checkpoint_dir=out,
+                   resume=args.resume, progress=not args.no_progress,
+                   log_every=max(1, args.iterations // 10))
     tail = result.history[-max(1, args.iterations // 20) :]
     final = f"{tail.mean().item():.4f}" if tail.numel() else "n/a"
     print(f"{args.method}: {args.iterations} iterations ({result.config['backend']} backend), "
@@ -159,8 +161,10 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ._experiments.sinusoid import evaluate_sinusoid
 
     _output_file(parser, "--json", args.json)
-    params = load_checkpoint(args.checkpoint).params
-    curves = evaluate_sinusoid(params, ks=tuple(args.k), num_tasks=args.tasks, lr=args.lr, steps=args.steps)
+    saved = load_checkpoint(args.checkpoint)
+    curves = evaluate_sinusoid(saved.params, ks=tuple(args.k), num_tasks=args.tasks, lr=args.lr,
+                               steps=args.steps, method=saved.config.get("method"),
+                               hypers=saved.config.get("hypers"))
     print(f"| K | {' | '.join(f'{j} steps' for j in range(args.steps + 1))} |")
     for k, curve in curves.items():
         print(f"| {k} | " + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in zip(curve["mean"], curve["ci95"])) + " |")
@@ -170,16 +174,14 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.experiment == "glyphs":
-        from ._experiments.glyphs import reproduce_glyphs as run
-    else:
-        from ._experiments.sinusoid import reproduce_sinusoid as run
+    from ._experiments.common import reproduce
+
     quick = "_quick" if args.quick else ""
     out = args.out or f"results/{args.experiment}{quick}"
-    results = run(out, quick=args.quick, iterations=args.iterations, methods=args.methods,
-                  eval_tasks=args.eval_tasks, seeds=args.seeds, workers=args.workers,
-                  backend=args.backend, resume=args.resume, progress=not args.no_progress,
-                  figures=not args.no_figures)
+    results = reproduce(args.experiment, out, quick=args.quick, iterations=args.iterations,
+                        methods=args.methods, eval_tasks=args.eval_tasks, seeds=args.seeds,
+                        workers=args.workers, backend=args.backend, resume=args.resume,
+                        progress=not args.no_progress, figures=not args.no_figures)
     for warning in results["warnings"]:
         print(f"[WARN] {warning}")
     for note in results.get("notes", []):
@@ -191,14 +193,16 @@ def _reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def _cache(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ._compiled import cache_dir, clear_cache
+    from ._compiled import cache_entries, clear_cache
+    from ._files import cache_dir
 
     if args.clear:
-        print(f"removed {clear_cache()} compiled kernel(s) from {cache_dir()}")
-    else:
-        files = sorted(cache_dir().glob("fused-*.pt2")) if cache_dir().is_dir() else []
-        size = sum(f.stat().st_size for f in files) / 2**20
-        print(f"{cache_dir()}: {len(files)} compiled kernel(s), {size:.1f} MiB")
+        print(f"removed {clear_cache()} file(s) from {cache_dir()}")
+        return 0
+    print(f"{cache_dir()}:")
+    for kind, paths in cache_entries().items():
+        size = sum(p.stat().st_size for p in paths) / 2**20
+        print(f"  {kind}: {len(paths)} file(s), {size:.1f} MiB")
     return 0
 
 
@@ -206,7 +210,8 @@ def _cache(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mamlkit", description=__doc__, formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(prog="python -m mamlkit", description=DESCRIPTION,
+                                     formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"mamlkit {__version__}")
     parser.add_argument("--threads", type=_positive, default=None,
                         help="torch threads (default: $MAMLKIT_NUM_THREADS, the first entry of "
@@ -237,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=_seed, default=0, help="initialisation seed (tasks use seed + 1)")
     train.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     train.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
-                       help="meta-gradient backend (auto: compiled from 20,000 iterations, else fused)")
+                       help="meta-gradient backend (auto: fused-compiled from 20,000 iterations, "
+                       "else fused; vmap for a method without a fused kernel)")
     train.add_argument("--checkpoint-every", type=_positive, default=1_000, help="iterations between checkpoints")
     train.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -254,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_evaluate, command_parser=evaluate)
 
     reproduce = commands.add_parser("reproduce", formatter_class=_Formatter, help="reproduce a paper experiment")
-    reproduce.add_argument("experiment", choices=["sinusoid", "glyphs"], help="which experiment")
+    reproduce.add_argument("experiment", choices=tuple(EXPERIMENTS), help="which experiment")
     reproduce.add_argument("--quick", action="store_true", help="the small version (one seed, fewer iterations)")
     reproduce.add_argument("--iterations", type=_positive, default=None, help="meta-iterations (default: the protocol's)")
     reproduce.add_argument("--eval-tasks", type=_positive, default=None, help="test tasks (default: the protocol's)")
@@ -270,8 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     reproduce.set_defaults(run=_reproduce, command_parser=reproduce)
 
-    cache = commands.add_parser("cache", formatter_class=_Formatter, help="where compiled kernels are kept")
-    cache.add_argument("--clear", action="store_true", help="delete every compiled kernel")
+    cache = commands.add_parser("cache", formatter_class=_Formatter,
+                                help="what mamlkit keeps in its cache folder (compiled kernels, "
+                                "torch.compile artifacts, glyph images)")
+    cache.add_argument("--clear", action="store_true", help="delete all of it")
     cache.set_defaults(run=_cache, command_parser=cache)
     return parser
 

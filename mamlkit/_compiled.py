@@ -1,22 +1,27 @@
-"""The ``"compiled"`` backend: ahead-of-time compiled fused kernels, and ``torch.compile`` of the
-vmap path for any other model.
+"""Compilation for the two compiled backends, and the cache they share with the glyph images.
 
-For the built-in MLP the fused kernels of ``mamlkit._fused`` are exported
-(``torch.export``) and compiled by AOTInductor into a shared library with a C++ runner, one per
-problem (method, its hyper-parameters, lr, steps, shapes, dtype, device, threads). Compiling
-takes tens of seconds, so the package is cached on disk — in ``$MAMLKIT_CACHE_DIR``, else
-``$XDG_CACHE_HOME/mamlkit``, else ``~/.cache/mamlkit`` — under a key that also holds the torch
-version and a hash of the kernel source, and loading a cached one takes a fraction of a second.
-Delete the folder (or run ``python -m mamlkit cache --clear``) to rebuild. Every other model
-goes through ``torch.compile`` of the vmap path, which keeps its own cache.
+``fused-compiled``: the fused kernels of ``mamlkit._fused`` are exported (``torch.export``) and
+compiled by AOTInductor into a shared library with a C++ runner, one per problem (method, its
+hyper-parameters, lr, steps, shapes, dtype, device, threads). A cold compile takes tens of
+seconds, so the package is kept in the cache folder (``mamlkit._files.cache_dir``) under a key
+that also holds the torch version and a hash of the kernel source; loading it takes a fraction
+of a second. A damaged package is reported in one line, deleted and compiled again.
+
+``vmap-compiled``: ``torch.compile`` of the vmap runner. Dynamo traces in every process, but the
+compiled code is reused across processes: after the first compile of a problem mamlkit saves
+torch's cache artifacts (``torch.compiler.save_cache_artifacts``) in the cache folder and loads
+them before compiling the same problem in a later process.
+
+Both say so in one line on stderr before a compile that waits. ``python -m mamlkit cache`` lists
+what the cache folder holds; ``--clear`` deletes it (:func:`cache_entries`, :func:`clear_cache`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
-import tempfile
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -26,38 +31,62 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _fused
+from . import _files, _fused
 
-_RUNNERS: dict[str, Any] = {}
+KINDS = {
+    "fused-": "compiled fused kernels",
+    "compile-": "torch.compile artifacts",
+    "glyphs-": "rendered glyph images",
+}
+"""The cache folder's files by name prefix, and what each is."""
+
+_RUNNERS: dict[str, Callable[[list[Tensor]], list[Tensor]]] = {}
 COMPILE_LOG: list[dict[str, Any]] = []
-"""One record per compiled problem in this process: key, seconds, and whether it was cold."""
+"""One record per compiled or loaded problem in this process: key, seconds, and whether cold."""
 
 
-def cache_dir() -> Path:
-    """Where compiled kernels are kept (see the module docstring)."""
-    if os.environ.get("MAMLKIT_CACHE_DIR"):
-        return Path(os.environ["MAMLKIT_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mamlkit"
+def announce(message: str) -> None:
+    """One line on stderr before a wait the caller did not ask to watch."""
+    print(f"mamlkit: {message}", file=sys.stderr, flush=True)
+
+
+def cache_entries() -> dict[str, list[Path]]:
+    """The files of the cache folder, by kind (see :data:`KINDS`)."""
+    folder = _files.cache_dir()
+    found: dict[str, list[Path]] = {kind: [] for kind in KINDS.values()}
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            for prefix, kind in KINDS.items():
+                if path.name.startswith(prefix) and path.is_file():
+                    found[kind].append(path)
+    return found
 
 
 def clear_cache() -> int:
-    """Delete every cached compiled kernel; return how many files were removed."""
+    """Delete every file :func:`cache_entries` lists; return how many were removed."""
     removed = 0
-    folder = cache_dir()
-    if folder.is_dir():
-        for path in folder.glob("fused-*.pt2"):
-            path.unlink()
+    for paths in cache_entries().values():
+        for path in paths:
+            path.unlink(missing_ok=True)
             removed += 1
     _RUNNERS.clear()
     return removed
 
 
+@functools.lru_cache(maxsize=1)
 def _source_hash() -> str:
+    """A hash of the kernel source (read once per process)."""
     digest = hashlib.sha256()
     for source in (_fused.__file__, __file__):
         digest.update(Path(source).read_bytes())
     return digest.hexdigest()
+
+
+def _key(record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+# ------------------------------------------------------------------------------ fused-compiled
 
 
 class _LayerKernel(torch.nn.Module):
@@ -69,9 +98,8 @@ class _LayerKernel(torch.nn.Module):
         self.method, self.spec, self.lr, self.steps, self.hypers = method, spec, lr, steps, hypers
 
     def grads(self, layers: tuple[Tensor, ...], data: tuple[Tensor, ...]) -> tuple[list[Tensor], Tensor]:
-        gw, gb, losses = _fused.run(self.method, self.spec, list(layers[0::2]), list(layers[1::2]),
-                                    _fused.Problem(*data), self.lr, self.steps, self.hypers, loops=True)
-        return [t for pair in zip(gw, gb) for t in pair], losses
+        return _fused.run(self.method, self.spec, list(layers), _fused.Problem(*data), self.lr,
+                          self.steps, self.hypers, compiled=True)
 
     def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         grads, losses = self.grads(tensors[:-4], tensors[-4:])
@@ -108,49 +136,57 @@ class _StepKernel(_LayerKernel):
         return (*new_p, *new_m, *new_v, losses)
 
 
-class _Runner:
-    """A loaded package, called with a flat list of tensors (no pytree round trip per call)."""
+def _boxed(package: Any) -> Callable[[list[Tensor]], list[Tensor]]:
+    """A loaded package as ``run(list of tensors) → list of tensors`` (no pytree round trip)."""
+    run = getattr(getattr(package, "loader", None), "boxed_run", None)
+    if run is not None:
+        return run  # type: ignore[no-any-return]
+    return lambda tensors: list(package(*tensors))
 
-    def __init__(self, package: Any) -> None:
-        self._run = getattr(getattr(package, "loader", None), "boxed_run", None)
-        self._package = package
 
-    def __call__(self, *tensors: Tensor) -> list[Tensor]:
-        if self._run is not None:
-            return self._run(list(tensors))
-        return list(self._package(*tensors))
+def _load(path: Path) -> Callable[[list[Tensor]], list[Tensor]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _boxed(torch._inductor.aoti_load_package(str(path)))
+
+
+def _compile_package(module: torch.nn.Module, example: list[Tensor], path: Path) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(module, tuple(example))
+
+        def produce(tmp: str) -> None:
+            torch._inductor.aoti_compile_and_package(exported, package_path=tmp)
+
+        _files.atomic_produce(path, produce)  # a half-written package is never loaded
 
 
 def _load_or_compile(kind: str, module: torch.nn.Module, record: dict[str, Any],
-                     example: tuple[Tensor, ...]) -> _Runner:
+                     example: list[Tensor]) -> Callable[[list[Tensor]], list[Tensor]]:
     device = example[0].device
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"the compiled backend runs on cpu or cuda, got device {device}")
     record = {**record, "kind": kind, "torch": torch.__version__, "source": _source_hash(),
               "shapes": [list(t.shape) for t in example], "dtype": str(example[0].dtype),
               "device": str(device), "threads": torch.get_num_threads()}
-    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
+    key = _key(record)
     if key in _RUNNERS:
         return _RUNNERS[key]
     start = time.perf_counter()
-    path = cache_dir() / f"fused-{key}.pt2"
+    path = _files.cache_dir() / f"fused-{key}.pt2"
     cold = not path.is_file()
-    if cold:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            exported = torch.export.export(module, tuple(example))
-            fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
-            os.close(fd)
-            try:
-                torch._inductor.aoti_compile_and_package(exported, package_path=tmp)
-                os.replace(tmp, path)  # atomic: a half-written package is never loaded
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        runner = _Runner(torch._inductor.aoti_load_package(str(path)))
+    runner = None
+    if not cold:
+        try:
+            runner = _load(path)
+        except Exception as error:  # a damaged package: say so, delete it, compile again
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+            announce(f"the cached kernel {path} is damaged ({reason}); compiling it again")
+            path.unlink(missing_ok=True)
+            cold = True
+    if runner is None:
+        announce(f"compiling the fused {record['method']} {kind} kernel ahead of time (about "
+                 f"30 s, once; cached in {path.parent})")
+        _compile_package(module, example, path)
+        runner = _load(path)
     _RUNNERS[key] = runner
     COMPILE_LOG.append({"key": key, "kind": kind, "method": record["method"],
                         "seconds": time.perf_counter() - start, "cold": cold})
@@ -158,31 +194,80 @@ def _load_or_compile(kind: str, module: torch.nn.Module, record: dict[str, Any],
 
 
 def fused_runner(method: str, spec: _fused.MLPSpec, lr: float, steps: int,
-                 hypers: dict[str, Any], example: tuple[Tensor, ...]) -> _Runner:
+                 hypers: dict[str, Any], example: list[Tensor]) -> Callable[[list[Tensor]], list[Tensor]]:
     """The compiled gradient kernel for this problem, from memory, the disk cache, or compiled
-    now; ``example`` is ``(W_0, b_0, …, xs, ys, xq, yq)`` with the shapes, dtype and device to
-    compile for. Called with those tensors it returns ``[∇W_0, ∇b_0, …, query losses]``."""
+    now; ``example`` is ``[W_0, b_0, …, xs, ys, xq, yq]`` with the shapes, dtype and device to
+    compile for. Called with such a list it returns ``[∇W_0, ∇b_0, …, query losses]``."""
     record = {"method": method, "spec": list(spec), "lr": lr, "steps": steps, "hypers": hypers}
-    return _load_or_compile("grad", _LayerKernel(method, spec, lr, steps, hypers), record, example)
+    return _load_or_compile("grad", _LayerKernel(method, spec, lr, steps, dict(hypers)), record,
+                            example)
 
 
 def fused_step_runner(method: str, spec: _fused.MLPSpec, lr: float, steps: int,
                       hypers: dict[str, Any], betas: tuple[float, float], eps: float,
-                      max_grad_norm: float | None, example: tuple[Tensor, ...]) -> _Runner:
+                      max_grad_norm: float | None,
+                      example: list[Tensor]) -> Callable[[list[Tensor]], list[Tensor]]:
     """The compiled whole meta-iteration (see :class:`_StepKernel`) for this problem."""
     record = {"method": method, "spec": list(spec), "lr": lr, "steps": steps, "hypers": hypers,
               "betas": list(betas), "eps": eps, "max_grad_norm": max_grad_norm}
-    module = _StepKernel(method, spec, lr, steps, hypers, betas, eps, max_grad_norm)
+    module = _StepKernel(method, spec, lr, steps, dict(hypers), betas, eps, max_grad_norm)
     return _load_or_compile("step", module, record, example)
 
 
-_COMPILED_VMAP: dict[tuple[Any, ...], Callable[..., Any]] = {}
+# ------------------------------------------------------------------------------- vmap-compiled
 
 
-def compiled_vmap(key: tuple[Any, ...], fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.compile(fn)``, kept per ``key`` so repeated calls reuse the compiled graph."""
-    if key not in _COMPILED_VMAP:
-        if len(_COMPILED_VMAP) >= 16:
-            _COMPILED_VMAP.pop(next(iter(_COMPILED_VMAP)))
-        _COMPILED_VMAP[key] = torch.compile(fn, dynamic=False)
-    return _COMPILED_VMAP[key]
+def describe_loss(loss_fn: object) -> str:
+    """A stable description of a loss for cache keys and messages (its module's structure when
+    it wraps one, else its qualified name)."""
+    model = getattr(loss_fn, "model_fn", None)
+    module = getattr(model, "module", None)
+    if isinstance(module, torch.nn.Module):
+        return f"{type(loss_fn).__name__}({module})"
+    name = getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
+    return f"{getattr(loss_fn, '__module__', '')}.{name}({getattr(model, '__qualname__', '')})"
+
+
+def compile_runner(run: Callable[..., Any], problem: Any) -> Callable[..., Any]:
+    """``torch.compile(run)`` that announces its first compile and keeps torch's cache artifacts
+    for this problem in the cache folder (loaded before compiling in a later process)."""
+    compiled = torch.compile(run, dynamic=False)
+    record = {"loss": describe_loss(problem.loss_fn), "method": problem.method.name,
+              "hypers": dict(problem.hypers), "lr": problem.lr, "steps": problem.steps,
+              "params": {k: list(v.shape) for k, v in problem.params.items()},
+              "data": [list(t.shape) for t in (*problem.support, *problem.query)],
+              "dtype": str(next(iter(problem.params.values())).dtype),
+              "device": str(problem.device), "torch": torch.__version__}
+    path = _files.cache_dir() / f"compile-{_key(record)}.bin"
+    state = {"first": True}
+
+    def first_call(*args: Any) -> Any:
+        start = time.perf_counter()
+        warm = path.is_file()
+        if warm:
+            try:
+                torch.compiler.load_cache_artifacts(path.read_bytes())
+            except Exception:  # unreadable artifacts only cost a full compile
+                path.unlink(missing_ok=True)
+                warm = False
+        announce(f"compiling the {problem.method.name} meta-gradient of {describe_loss(problem.loss_fn)[:60]} "
+                 f"with torch.compile ({'seconds: torch artifacts cached' if warm else 'tens of seconds to minutes the first time'})")
+        out = compiled(*args)
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is not None and not warm:
+            _files.atomic_write(path, lambda f: f.write(saved[0]))
+        COMPILE_LOG.append({"key": path.stem, "kind": "torch.compile", "method": problem.method.name,
+                            "seconds": time.perf_counter() - start, "cold": not warm})
+        state["first"] = False
+        return out
+
+    def call(*args: Any) -> Any:
+        if state["first"]:
+            return first_call(*args)
+        return compiled(*args)
+
+    return call
+
+
+__all__ = ["COMPILE_LOG", "KINDS", "announce", "cache_entries", "clear_cache", "compile_runner",
+           "describe_loss", "fused_runner", "fused_step_runner"]

@@ -26,14 +26,14 @@ from torch.func import grad, vmap
 
 from ._checks import (
     check_batch,
+    check_finite,
+    check_int,
     check_like,
-    check_lr,
     check_nonnegative,
     check_params,
     check_positive,
     check_positive_int,
     check_seed,
-    check_steps,
     checked_loss,
     reference_tensor,
 )
@@ -103,7 +103,7 @@ def reptile_grad(
     loss = checked_loss(loss_fn)
     params = tree_detach(check_params(params))
     batch = check_batch(batch, "batch", reference_tensor(params))
-    return _reptile(loss, params, batch, check_lr(lr), check_positive_int(steps, "steps"))[0]
+    return _reptile(loss, params, batch, check_finite(lr, "lr"), check_positive_int(steps, "steps"))[0]
 
 
 def _reptile(loss: LossFn, params: Params, batch: Batch, lr: float, steps: int) -> tuple[Params, Params]:
@@ -117,6 +117,10 @@ def _reptile(loss: LossFn, params: Params, batch: Batch, lr: float, steps: int) 
 
 
 # ----------------------------------------------------------------------------------------- iMAML
+
+CG_STEPS = 5
+"""The default number of conjugate-gradient iterations of :func:`imaml` (and of the method table's
+``"imaml"`` entry)."""
 
 
 class IMAMLResult(NamedTuple):
@@ -212,7 +216,7 @@ def imaml(
     lam: float,
     lr: float,
     steps: int,
-    cg_steps: int = 10,
+    cg_steps: int = CG_STEPS,
     cg_tol: float = 0.0,
 ) -> IMAMLResult:
     r"""Implicit MAML: the inner solution φ and the implicit meta-gradient, Hessian-free.
@@ -277,8 +281,8 @@ def imaml(
     support = check_batch(support, "support", like)
     query = check_batch(query, "query", like)
     lam = check_positive(lam, "lam")
-    lr = check_lr(lr)
-    steps = check_steps(steps)
+    lr = check_finite(lr, "lr")
+    steps = check_int(steps, "steps")
     cg_steps = check_positive_int(cg_steps, "cg_steps")
     cg_tol = check_nonnegative(cg_tol, "cg_tol")
     return _imaml(loss, params, support, query, lam, lr, steps, cg_steps, cg_tol)
@@ -372,8 +376,8 @@ def es_maml_grad(
     like = reference_tensor(params)
     support = check_batch(support, "support", like)
     query = check_batch(query, "query", like)
-    lr = check_lr(lr)
-    steps = check_steps(steps)
+    lr = check_finite(lr, "lr")
+    steps = check_int(steps, "steps")
     num_samples = check_positive_int(num_samples, "num_samples")
     sigma = check_positive(sigma, "sigma")
     seed = check_seed(seed)

@@ -14,21 +14,22 @@ are fine-tuned at once with ``torch.func.vmap``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import vmap
 
 from ._checks import (
-    check_lr,
+    check_finite,
+    check_int,
     check_meta_batch,
     check_params,
-    check_steps,
     checked_loss,
     reference_tensor,
 )
-from ._params import Batch, LossFn, Params, tree_axpy, tree_detach
+from ._methods import Adaptation, get_method, sgd_adaptation
+from ._params import Batch, LossFn, Params, tree_detach
 
 Z95 = 1.96
 
@@ -67,14 +68,15 @@ def mean_ci95(values: Tensor) -> tuple[Tensor, Tensor]:
     return values.mean(0), Z95 * values.std(0, correction=0) / n**0.5
 
 
-def _finetune_curve(loss: LossFn, lr: float, steps: int, scores: list):
+def _finetune_curve(loss: LossFn, adaptation: Adaptation, steps: int, scores: list):
     """Per task: the query loss, and every score in ``scores`` (e.g. accuracy), after 0 … k
-    SGD steps on the support set."""
+    fine-tuning steps on the support set."""
 
-    def task(theta: Params, support: Batch, query: Batch) -> Tensor:
+    def task(meta: Params, support: Batch, query: Batch) -> Tensor:
+        theta = adaptation.start(meta)
         curves = [[loss(theta, query), *(f(theta, query) for f in scores)]]
-        for _ in range(steps):
-            theta = tree_axpy(-lr, grad(loss)(theta, support), theta)
+        for j in range(steps):
+            theta = adaptation.step(meta, theta, support, j)
             curves.append([loss(theta, query), *(f(theta, query) for f in scores)])
         return torch.stack([torch.stack(c) for c in curves], -1)  # (1 + scores, k+1)
 
@@ -89,8 +91,13 @@ def evaluate(
     *,
     lr: float,
     steps: int = 10,
+    method: str | None = None,
+    **hypers: Any,
 ) -> EvalResult:
-    r"""Fine-tune ``params`` on each task's support set with SGD; query losses after 0…k steps.
+    r"""Fine-tune ``params`` on each task's support set; query losses after 0…k steps.
+
+    The fine-tuning is plain SGD, or, with ``method``, the test-time adaptation that method's
+    record gives (:attr:`mamlkit.Method.adaptation`; every built-in method adapts by SGD).
 
     Args:
         loss_fn: ``loss_fn(params, batch)`` for one task (the MSE of the paper's code).
@@ -100,6 +107,9 @@ def evaluate(
         query: ``(x, y)`` of shape (N, K_q, …): the points it is scored on.
         lr: the fine-tuning step size α.
         steps: k ≥ 0.
+        method: a key of :data:`mamlkit.METHODS` whose adaptation to use (``params`` are then
+            that method's meta-parameters), or ``None`` for plain SGD.
+        **hypers: the method's own hyper-parameters (only with ``method``).
 
     Returns:
         :class:`EvalResult` with ``loss``, ``ci95`` of shape (k+1,) and ``losses`` (N, k+1), and
@@ -115,11 +125,19 @@ def evaluate(
     loss = checked_loss(loss_fn)
     params = tree_detach(check_params(params))
     support, query = check_meta_batch(support, query, reference_tensor(params))
-    lr, steps = check_lr(lr), check_steps(steps)
+    lr, steps = check_finite(lr, "lr"), check_int(steps, "steps")
+    if method is None:
+        if hypers:
+            raise TypeError(f"evaluate takes hyper-parameters only with a method, got {sorted(hypers)}")
+        adaptation = sgd_adaptation(loss, lr)
+    else:
+        entry = get_method(method)
+        adaptation = entry.adaptation(loss, lr, **entry.resolve(hypers))
     accuracy = getattr(loss_fn, "accuracy", None)
     scores = [accuracy] if callable(accuracy) else []
     with torch.no_grad():
-        curves = vmap(_finetune_curve(loss, lr, steps, scores), in_dims=(None, 0, 0))(params, support, query)
+        curve = _finetune_curve(loss, adaptation, steps, scores)
+        curves = vmap(curve, in_dims=(None, 0, 0))(params, support, query)
     losses = curves[:, 0]
     mean, ci95 = mean_ci95(losses)
     if not scores:

@@ -28,7 +28,7 @@ order, and for each draws K + Q images: a random face of that character and a ra
 once by ``affine_grid``/``grid_sample``. Images are 1 × 28 × 28, ink 1 on background 0.
 
 Rendering takes a few seconds; the result is kept in memory and in
-``$MAMLKIT_CACHE_DIR/glyphs-<hash>.pt`` (see :func:`mamlkit._compiled.cache_dir`); delete the
+``$MAMLKIT_CACHE_DIR/glyphs-<hash>.pt`` (see :func:`mamlkit._files.cache_dir`); delete the
 file (or call :func:`glyph_bank` with ``rebuild=True``) to render again.
 """
 
@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -50,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_positive_int
+from ._files import cache_dir, save_torch
 
 SIZE = 28
 SPLITS: dict[str, tuple[str, ...]] = {
@@ -191,8 +190,6 @@ def _render_all() -> GlyphBank:
 def _cache_path() -> Path:
     import matplotlib
 
-    from ._compiled import cache_dir
-
     key = hashlib.sha256(f"{RENDER_VERSION}|{matplotlib.__version__}|{FACES}|{SPLITS}|{DUPLICATE}"
                          f"|{unicodedata.unidata_version}".encode()).hexdigest()[:16]
     return cache_dir() / f"glyphs-{key}.pt"
@@ -209,16 +206,8 @@ def _bank_in_memory() -> GlyphBank:
         except Exception:  # a damaged cache is rebuilt, never trusted
             path.unlink(missing_ok=True)
     bank = _build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".glyphs.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save({"images": bank.images, "char_start": bank.char_start, "codepoints": bank.codepoints,
-                    "scripts": list(bank.scripts), "faces": bank.faces}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_torch(path, {"images": bank.images, "char_start": bank.char_start, "codepoints": bank.codepoints,
+                      "scripts": list(bank.scripts), "faces": bank.faces})
     return bank
 
 

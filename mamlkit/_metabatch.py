@@ -5,199 +5,88 @@ stacked along a leading task dimension, the meta-gradient is the task average
 
 .. math:: g = \frac1T \sum_{i=1}^{T} g_i(θ; \mathcal{D}^s_i, \mathcal{D}^q_i),
 
-with ``g_i`` the per-task rule of the chosen method (``mamlkit._methods``). Inputs are checked
-once, here, by ``mamlkit._checks``, whatever backend then computes it:
+with ``g_i`` the per-task rule of the chosen method (``mamlkit._methods``), computed by the
+chosen backend (``mamlkit._backends``). Inputs are checked once, here, by ``mamlkit._checks``,
+whatever backend then runs.
 
-- ``"vmap"``: ``torch.func.vmap`` over the per-task rules — any model, any loss;
-- ``"fused"``: the hand-written kernels of ``mamlkit._fused`` — ``make_mse_loss(mlp)`` only;
-- ``"compiled"``: the fused kernels compiled ahead of time when the problem is fused-eligible,
-  else ``torch.compile`` of the vmap path (any model and loss);
-- ``"auto"``: ``"fused"`` when eligible, else ``"vmap"`` (a single call never compiles).
+A checked problem becomes a :class:`Plan` — the problem, the backend record that runs it and
+that backend's runner — and plans are kept by everything that makes one problem differ from
+another (method, hyper-parameters, loss, lr, steps, backend choice, and the keys, shapes, dtypes
+and devices of the tensors). A repeated call finds its plan by that key and goes straight to the
+runner: no checks to redo, no file read, no compile.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import vmap
 
-from . import _compiled, _fused
-from ._adam import ADAM_BETAS, ADAM_EPS, AdamState, _adam_update, _clip_global_norm
+from ._backends import Backend, GradRunner, Problem, resolve
 from ._checks import (
-    check_lr,
+    check_finite,
     check_meta_batch,
     check_params,
-    check_steps,
     checked_loss,
     reference_tensor,
 )
-from ._methods import Method, get_method
-from ._params import Batch, LossFn, Params, tree_detach
+from ._methods import get_method
+from ._params import Batch, LossFn, Params
 
-Backend = Literal["auto", "vmap", "fused", "compiled"]
-BACKENDS: tuple[str, ...] = ("auto", "vmap", "fused", "compiled")
-
-
-def _signature(support: Batch, query: Batch) -> tuple[Any, ...]:
-    return tuple((t.shape, t.dtype, t.device) for t in (*support, *query))
+PLAN_CACHE_SIZE = 64
+"""How many plans :func:`meta_batch_grad` keeps (least recently used first out)."""
 
 
-@dataclass
-class MetaBatchPlan:
-    """A checked meta-batch problem, ready to run many times (what ``meta_train`` holds).
+class Plan:
+    """A checked problem, the backend that runs it, and its runner.
 
-    Build it with :func:`plan_meta_batch`; call it with ``(params, support, query)`` of the
-    same keys, shapes, dtype and device. A meta-batch of other shapes or dtypes is checked in
-    full again, so the error contract never weakens.
+    Call it with ``(params, support, query)`` of the keys, shapes, dtypes and devices it was made
+    for (:func:`plan_meta_batch` checks them; the caller keeps that promise).
     """
 
-    method: Method
-    loss: LossFn
-    loss_fn: Any
-    lr: float
-    steps: int
-    hypers: dict[str, Any]
-    backend: str
-    keys: list[str]
-    spec: _fused.MLPSpec | None
-    signature: tuple[Any, ...]
-    _like: Tensor = field(repr=False)
-    _runner: Any = field(default=None, repr=False)
-    _step_runner: Any = field(default=None, repr=False)
-    _step_norm: float | None = field(default=None, repr=False)
+    __slots__ = ("backend", "problem", "run")
 
-    def recheck(self, support: Batch, query: Batch) -> None:
-        """Check a meta-batch in full if its shapes, dtypes or devices differ from the last one."""
-        if _signature(support, query) != self.signature:
-            support, query = check_meta_batch(support, query, self._like)
-            self._check_shapes(support, query)
-            self.signature = _signature(support, query)
-            self._runner = self._step_runner = None
+    def __init__(self, problem: Problem, backend: Backend) -> None:
+        self.problem, self.backend = problem, backend
+        self.run: GradRunner = backend.build(problem)
 
     def __call__(self, params: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
-        self.recheck(support, query)
-        if self.backend == "vmap":
-            return self._vmap(params, support, query)
-        if self.spec is None:  # compiled, any model
-            fn = _compiled.compiled_vmap(self._key(), self._vmap)
-            return fn(params, support, query)
-        problem = _problem(self.spec, support, query)
-        layers = [params[k] for pair in self.spec.names for k in pair]
-        if self.backend == "fused":
-            with torch.no_grad():
-                gw, gb, losses = _fused.run(self.method.name, self.spec, layers[0::2],
-                                            layers[1::2], problem, self.lr, self.steps,
-                                            self.hypers, loops=False)
-            out = dict(zip(self._canonical, (t for pair in zip(gw, gb) for t in pair)))
-            return {k: out[k] for k in self.keys}, losses
-        if self._runner is None:
-            self._runner = _compiled.fused_runner(self.method.name, self.spec, self.lr,
-                                                  self.steps, self.hypers, (*layers, *problem))
-        *grads, losses = self._runner(*layers, *problem)
-        out = dict(zip(self._canonical, grads))
-        return {k: out[k] for k in self.keys}, losses
+        return self.run(params, support, query)
 
-    # -------------------------------------------------------------- training (meta_train)
-    def pack(self, params: Params, adam: AdamState) -> Any:
-        """The training state in this plan's own layout (lists in kernel order when compiled)."""
-        if self.backend != "compiled" or self.spec is None:
-            return params, adam
-        names = self._canonical
-        return [*(params[k] for k in names), *(adam.m[k] for k in names), *(adam.v[k] for k in names)], adam.step
-
-    def unpack(self, state: Any) -> tuple[Params, AdamState]:
-        """``(params, AdamState)`` from :meth:`pack`'s layout, in the caller's key order."""
-        if self.backend != "compiled" or self.spec is None:
-            return state
-        tensors, step = state
-        n = len(self._canonical)
-        new, m, v = (dict(zip(self._canonical, tensors[i * n : (i + 1) * n])) for i in range(3))
-        order = self.keys
-        return {k: new[k] for k in order}, AdamState(step, {k: m[k] for k in order}, {k: v[k] for k in order})
-
-    def train_step(self, state: Any, support: Batch, query: Batch, meta_lr: float,
-                   max_grad_norm: float | None) -> tuple[Any, Tensor]:
-        """One meta-iteration on a packed state (the batch must have this plan's signature:
-        :meth:`recheck` it first): the gradient, the optional global-norm clip, one Adam step.
-
-        On the compiled backend for the built-in MLP all three run in one compiled graph;
-        elsewhere as :func:`mamlkit.train.clip_global_norm` and :func:`mamlkit.train.adam_update`.
-        """
-        if self.backend != "compiled" or self.spec is None:
-            params, adam = state
-            grads, losses = self(params, support, query)
-            if max_grad_norm is not None:
-                grads = _clip_global_norm(grads, max_grad_norm)
-            return _adam_update(params, grads, adam, meta_lr, ADAM_BETAS, ADAM_EPS), losses
-        tensors, step = state
-        t = step + 1
-        corrections = torch.tensor([meta_lr / (1 - ADAM_BETAS[0] ** t), 1 / (1 - ADAM_BETAS[1] ** t)],
-                                   dtype=self._like.dtype, device=self._like.device)
-        inputs = (*tensors, corrections, *_problem(self.spec, support, query))
-        if self._step_runner is None or self._step_norm != max_grad_norm:
-            self._step_norm = max_grad_norm
-            self._step_runner = _compiled.fused_step_runner(
-                self.method.name, self.spec, self.lr, self.steps, self.hypers, ADAM_BETAS, ADAM_EPS,
-                max_grad_norm, inputs)
-        *out, losses = self._step_runner(*inputs)
-        return (out, t), losses
-
-    @property
-    def _canonical(self) -> list[str]:
-        assert self.spec is not None
-        return [k for pair in self.spec.names for k in pair]
-
-    def _vmap(self, params: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
-        task = self.method.rule(self.loss, self.lr, self.steps, **self.hypers)
-        grads, losses = vmap(task, in_dims=(None, 0, 0))(tree_detach(params), support, query)
-        return {k: g.mean(0) for k, g in tree_detach(grads).items()}, losses.detach()
-
-    def _key(self) -> tuple[Any, ...]:
-        return (id(self.loss_fn), self.loss_fn, self.method.name, self.lr, self.steps,
-                tuple(sorted(self.hypers.items())))
-
-    def _check_shapes(self, support: Batch, query: Batch) -> None:
-        if self.spec is not None:
-            for x, y in (support, query):
-                _fused.fused_data_shapes(self.spec, x, y)
+    def __repr__(self) -> str:
+        p = self.problem
+        return (f"Plan(method={p.method.name!r}, backend={self.backend.name!r}, lr={p.lr}, "
+                f"steps={p.steps}, hypers={dict(p.hypers)})")
 
 
-def _problem(spec: _fused.MLPSpec, support: Batch, query: Batch) -> _fused.Problem:
-    """The meta-batch as the kernels want it: (T, N, in) and (T, N, out), contiguous."""
-    parts = []
-    for x, y in (support, query):
-        if x.ndim != 3 or y.ndim != 3 or not (x.is_contiguous() and y.is_contiguous()):
-            x = x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
-            y = y.reshape(y.shape[0], -1, y.shape[-1]).contiguous()
-        parts += [x, y]
-    return _fused.Problem(*parts)
+def _stand_in(t: Tensor) -> Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
-def resolve_backend(backend: object, loss_fn: object, params: Params) -> tuple[str, _fused.MLPSpec | None]:
-    """The concrete backend for ``backend`` and the fused spec it needs (see the module doc)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "vmap":
-        return "vmap", None
-    if backend == "fused":
-        return "fused", _fused.fused_spec(loss_fn, params)  # ValueError saying why not
-    try:
-        spec = _fused.fused_spec(loss_fn, params)
-    except ValueError:
-        spec = None
-    if backend == "compiled":
-        return "compiled", spec
-    return ("fused", spec) if spec is not None else ("vmap", None)
+def check_problem(method: object, loss_fn: object, params: object, support: object, query: object,
+                  *, lr: object, steps: object, hypers: Mapping[str, Any] | None) -> Problem:
+    """Check every input once; the :class:`Problem` they make."""
+    entry = get_method(method)
+    loss = checked_loss(loss_fn)
+    checked = check_params(params)
+    like = reference_tensor(checked)
+    support, query = check_meta_batch(support, query, like)
+    lr = check_finite(lr, "lr")
+    steps = entry.check_steps(steps)
+    resolved = entry.resolve(hypers or {})
+    return Problem(entry, resolved, loss_fn, loss, lr, steps,
+                   {k: _stand_in(v) for k, v in checked.items()},
+                   (_stand_in(support[0]), _stand_in(support[1])),
+                   (_stand_in(query[0]), _stand_in(query[1])), like.device)
 
 
 def plan_meta_batch(
     method: object,
     loss_fn: object,
-    params: Mapping[str, Tensor],
+    params: object,
     support: object,
     query: object,
     *,
@@ -205,21 +94,55 @@ def plan_meta_batch(
     steps: object,
     backend: object = "auto",
     hypers: Mapping[str, Any] | None = None,
-) -> MetaBatchPlan:
-    """Check every input once and return the :class:`MetaBatchPlan` that computes it."""
-    entry = get_method(method)
-    loss = checked_loss(loss_fn)
-    params = check_params(params)
-    like = reference_tensor(params)
-    support, query = check_meta_batch(support, query, like)
-    lr = check_lr(lr)
-    steps = entry.check_steps(check_steps(steps))
-    checked = entry.resolve(hypers or {})
-    concrete, spec = resolve_backend(backend, loss_fn, params)
-    plan = MetaBatchPlan(entry, loss, loss_fn, lr, steps, checked, concrete, list(params), spec,
-                         _signature(support, query), like)
-    plan._check_shapes(support, query)
+    order: tuple[str, ...] | None = None,
+) -> Plan:
+    """The :class:`Plan` for these inputs: from the plan cache, or checked and made now.
+
+    ``order`` overrides the preference ``backend`` stands for (training's ``"auto"`` compiles
+    long runs); it is part of the cache key.
+    """
+    try:
+        key = _key(method, loss_fn, params, support, query, lr, steps, backend, hypers, order)
+        plan = _PLANS[key]
+    except (KeyError, TypeError, AttributeError, ValueError):
+        problem = check_problem(method, loss_fn, params, support, query, lr=lr, steps=steps,
+                                hypers=hypers)
+        plan = Plan(problem, resolve(backend, problem, order))
+        key = _key(method, loss_fn, params, support, query, lr, steps, backend, hypers, order)
+        _PLANS[key] = plan
+        if len(_PLANS) > PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
     return plan
+
+
+_PLANS: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
+
+
+def _tensors(tree: Any) -> tuple[Any, ...]:
+    return tuple((k, v.__class__, v.shape, v.dtype, v.device) for k, v in tree.items())
+
+
+def _data(pair: Any) -> tuple[Any, ...]:
+    x, y = pair
+    return (pair.__class__, x.__class__, x.shape, x.dtype, x.device,
+            y.__class__, y.shape, y.dtype, y.device)
+
+
+def _key(method: object, loss_fn: object, params: Any, support: Any, query: Any, lr: object,
+         steps: object, backend: object, hypers: Mapping[str, Any] | None,
+         order: object) -> tuple[Any, ...]:
+    """Everything the checks and the backend choice depend on (raises for inputs that are not
+    dicts of tensors and pairs of tensors: those go to the full checks)."""
+    try:
+        hash(loss_fn)
+        loss_key: object = loss_fn
+    except TypeError:  # an unhashable callable: keyed by identity (the plan keeps it alive)
+        loss_key = ("id", id(loss_fn))
+    return (get_method(method), loss_key, lr.__class__, lr, steps.__class__, steps, backend, order,
+            params.__class__, _tensors(params), _data(support), _data(query),
+            tuple((k, v.__class__, v) for k, v in sorted(hypers.items())) if hypers else ())
 
 
 def meta_batch_grad(
@@ -231,7 +154,7 @@ def meta_batch_grad(
     *,
     lr: float,
     steps: int = 1,
-    backend: Backend = "auto",
+    backend: str = "auto",
     **hypers: Any,
 ) -> tuple[Params, Tensor]:
     r"""The task-averaged meta-gradient of ``method`` and the per-task query losses.
@@ -243,11 +166,15 @@ def meta_batch_grad(
     - ``"reptile"``: ``(θ − θ_k)/α = Σ_j ∇L_{S_i}(θ_j)`` (the query set only scores);
     - ``"imaml"``: ``(I + H_{S_i}(φ)/λ)⁻¹∇L_{Q_i}(φ)``, φ from ``steps`` steps of size ``lr`` on
       ``L_{S_i}(φ) + λ/2‖φ − θ‖²``, ``cg_steps`` conjugate-gradient iterations;
-    - ``"pretrained"``: ``∇_θ L(θ; S_i ∪ Q_i)``, joint training with no inner loop.
+    - ``"pretrained"``: ``∇_θ L(θ; S_i ∪ Q_i)``, joint training with no inner loop;
+    - any method added with :func:`mamlkit.register_method`: its rule.
 
     The result is ``g = (1/T) Σ_i g_i``; ``query_losses[i]`` is ``L_{Q_i}(θ_k)`` (``L_{Q_i}(φ)``
     for iMAML), the post-adaptation loss at no extra cost (after first-order steps for
     ``"pretrained"``, as a progress measure).
+
+    A repeated call with inputs of the same kind (keys, shapes, dtypes, devices, settings) reuses
+    the plan of the first one: its checks, backend choice and compiled code.
 
     Args:
         method: a key of :data:`mamlkit.METHODS`.
@@ -256,10 +183,12 @@ def meta_batch_grad(
         support: ``(x, y)`` with x (T, K_s, features…) and y (T, K_s, …).
         query: ``(x, y)`` with the same T.
         lr: the inner step size α.
-        steps: the number of inner steps k (≥ 1 for Reptile and iMAML).
-        backend: ``"auto"`` (``"fused"`` when eligible, else ``"vmap"``), ``"vmap"``,
-            ``"fused"`` (``make_mse_loss(mlp)`` only; anything else is a ``ValueError`` saying
-            why) or ``"compiled"`` (compiled once per problem and cached; any model).
+        steps: the number of inner steps k (≥ the method's ``min_steps``).
+        backend: a record of :data:`mamlkit.BACKENDS` — ``"vmap"`` (any model), ``"fused"``
+            (``make_mse_loss(mlp)`` only; anything else is a ``ValueError`` saying why),
+            ``"fused-compiled"``, ``"vmap-compiled"`` — or a preference: ``"auto"`` (fused when
+            it can, else vmap; never compiles) or ``"compiled"`` (fused-compiled when it can,
+            else vmap-compiled; compiled once per problem and cached).
         **hypers: the method's own hyper-parameters (iMAML: ``lam=1.0``, ``cg_steps=5``); a
             keyword the method does not take is a ``TypeError``.
 
@@ -280,7 +209,7 @@ def meta_batch_grad(
     """
     plan = plan_meta_batch(method, loss_fn, params, support, query, lr=lr, steps=steps,
                            backend=backend, hypers=hypers)
-    return plan(dict(params), support, query)
+    return plan.run(params, support, query)  # type: ignore[arg-type]
 
 
-__all__ = ["BACKENDS", "MetaBatchPlan", "meta_batch_grad", "plan_meta_batch", "resolve_backend"]
+__all__ = ["PLAN_CACHE_SIZE", "Plan", "check_problem", "meta_batch_grad", "plan_meta_batch"]

@@ -25,9 +25,9 @@ from torch.func import grad
 from ._checks import (
     check_batch,
     check_bool,
-    check_lr,
+    check_finite,
+    check_int,
     check_params,
-    check_steps,
     checked_loss,
     reference_tensor,
 )
@@ -86,7 +86,7 @@ def _checked_single(
     loss = checked_loss(loss_fn)
     params = check_params(params)
     batch = check_batch(batch, name, reference_tensor(params))
-    return loss, params, batch, check_lr(lr), check_steps(steps)
+    return loss, params, batch, check_finite(lr, "lr"), check_int(steps, "steps")
 
 
 def adapt(

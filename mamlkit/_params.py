@@ -71,8 +71,3 @@ def tree_zeros_like(params: Mapping[str, Tensor]) -> Params:
 def tree_vdot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
     """⟨a, b⟩ summed over every key (a 0-d tensor; vmap-safe)."""
     return sum((a[k] * b[k]).sum() for k in a)  # type: ignore[return-value]
-
-
-def tree_mean(trees: list[Params]) -> Params:
-    """The key-wise mean of several dicts with the same keys."""
-    return {k: torch.stack([t[k] for t in trees]).mean(0) for k in trees[0]}

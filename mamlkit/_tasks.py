@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._checks import check_batch, check_lr, check_params, check_positive_int, check_steps
+from ._checks import check_batch, check_finite, check_int, check_params, check_positive_int
 from ._params import Batch, Params
 
 Range = tuple[float, float]
@@ -72,7 +72,7 @@ class QuadraticTasks(NamedTuple):
 def _check_range(value: object, name: str) -> Range:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{name} must be a pair (low, high), got {value!r}")
-    low, high = (check_lr(v, name) for v in value)
+    low, high = (check_finite(v, name) for v in value)
     if not low <= high:
         raise ValueError(f"{name} must satisfy low <= high, got {tuple(value)}")
     return low, high
@@ -345,7 +345,7 @@ def quadratic_meta_grad(
     """
     x, c_s, g_s = _check_quadratic(params, support)
     _, c_q, g_q = _check_quadratic(params, query)
-    lr, steps = check_lr(lr), check_steps(steps)
+    lr, steps = check_finite(lr, "lr"), check_int(steps, "steps")
     if not isinstance(first_order, bool):
         raise TypeError(f"first_order must be a bool, got {type(first_order).__name__}")
     h_s, h_q = 0.5 * (c_s + c_s.T), 0.5 * (c_q + c_q.T)
@@ -386,7 +386,7 @@ def sample_quadratic_tasks(
         _check_range(r, n)
         for r, n in ((a_range, "a_range"), (b_range, "b_range"), (c_range, "c_range"))
     ]
-    g_scale = check_lr(g_scale, "g_scale")
+    g_scale = check_finite(g_scale, "g_scale")
     if g_scale < 0:
         raise ValueError(f"g_scale must be >= 0, got {g_scale}")
     dtype = dtype or torch.get_default_dtype()

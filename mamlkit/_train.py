@@ -2,9 +2,10 @@ r"""Meta-training with Adam: seeded, checkpointed, resumable, and safe to stop.
 
 One meta-iteration (Finn et al. 2017, Algorithm 1) draws a meta-batch of T tasks, computes the
 task-averaged meta-gradient g of the chosen method (``mamlkit.meta_batch_grad``'s backends) and
-takes one Adam step of size β = ``meta_lr``. Everything the run depends on is recorded in its
-config (method, settings, seeds, backend, threads, torch version), and its whole state
-(parameters, Adam's moments, the iteration, the task generator, the history) goes into one
+takes one Adam step of size β = ``meta_lr``. A frozen :class:`TrainConfig` holds the settings;
+with the facts of the run (loss, task family, shapes, dtype, device, threads, torch version,
+backend) it is the run's record, stored in every checkpoint and compared on resume. The whole
+state (parameters, Adam's moments, the iteration, the task generator, the history) goes into one
 atomically written checkpoint, so that a resumed run is bit-identical to one never stopped.
 SIGINT and SIGTERM finish the current iteration, write a checkpoint and raise
 :class:`TrainingInterrupted`; a non-finite meta-loss saves the last finite state and raises
@@ -26,28 +27,96 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._adam import ADAM_BETAS, ADAM_EPS, AdamState, adam_init
+from ._adam import Adam, AdamState, _clip_global_norm
+from ._backends import BACKENDS, StepRunner, candidates
 from ._checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
 from ._checks import (
     check_bool,
     check_callable,
-    check_lr,
+    check_finite,
+    check_int,
     check_params,
     check_positive,
     check_positive_int,
     check_seed,
-    check_steps,
     checked_loss,
     reference_tensor,
 )
-from ._fused import fused_spec
-from ._metabatch import BACKENDS, plan_meta_batch
+from ._files import check_writable_folder, remove_temporaries
+from ._metabatch import Plan, plan_meta_batch
 from ._methods import get_method
-from ._params import LossFn, Params, tree_detach
+from ._params import Batch, LossFn, Params, tree_detach
 
 AUTO_COMPILE_ITERATIONS = 20_000
 """``backend="auto"`` compiles (for the built-in MLP) from this many iterations on: a cold
 compile costs 15–45 s, which the compiled kernels win back within about this many iterations."""
+
+RESUMABLE = ("iterations", "checkpoint_every", "train_seconds")
+"""Record entries a resumed run may change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The settings of a training run, checked when made.
+
+    Attributes:
+        method: a key of :data:`mamlkit.METHODS`.
+        meta_batch_size: T ≥ 1 tasks per iteration.
+        iterations: the number of meta-iterations ≥ 0 (the total, when resuming).
+        lr: the inner step size α.
+        meta_lr: Adam's step size β > 0.
+        steps: inner steps k (≥ the method's ``min_steps``).
+        seed: seeds the task generator (0 … 2⁶⁴ − 1).
+        backend: a choice of :data:`mamlkit.BACKENDS` or ``"auto"``/``"compiled"``; ``"auto"``
+            compiles the built-in MLP from :data:`AUTO_COMPILE_ITERATIONS` iterations on, runs
+            the fused kernels below that, and vmap for anything else.
+        max_grad_norm: off (``None``) or a bound c > 0 on the global L2 norm of the
+            meta-gradient, ``g ← g·min(1, c/(‖g‖ + 10⁻⁶))``, before the Adam step.
+        checkpoint_every: the checkpoint period in iterations, or ``None``.
+        hypers: the method's own hyper-parameters (defaults filled in).
+    """
+
+    method: str
+    meta_batch_size: int
+    iterations: int
+    lr: float
+    meta_lr: float
+    steps: int
+    seed: int
+    backend: str = "auto"
+    max_grad_norm: float | None = None
+    checkpoint_every: int | None = None
+    hypers: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        entry = get_method(self.method)
+        checked = {
+            "meta_batch_size": check_positive_int(self.meta_batch_size, "meta_batch_size"),
+            "iterations": check_int(self.iterations, "iterations"),
+            "lr": check_finite(self.lr, "lr"),
+            "meta_lr": check_positive(self.meta_lr, "meta_lr"),
+            "steps": entry.check_steps(self.steps),
+            "seed": check_seed(self.seed),
+            "hypers": entry.resolve(self.hypers),
+        }
+        candidates(self.backend)
+        if self.max_grad_norm is not None:
+            checked["max_grad_norm"] = check_positive(self.max_grad_norm, "max_grad_norm")
+        if self.checkpoint_every is not None:
+            checked["checkpoint_every"] = check_positive_int(self.checkpoint_every, "checkpoint_every")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def optimizer(self) -> Adam:
+        """The meta-optimizer: the built-in Adam with step size ``meta_lr``."""
+        return Adam(self.meta_lr)
+
+    def backend_order(self) -> tuple[str, ...]:
+        """The backends this run prefers, in order (``"auto"`` compiles long runs)."""
+        if self.backend == "auto" and self.iterations >= AUTO_COMPILE_ITERATIONS:
+            return ("fused-compiled", "fused", "vmap")
+        return candidates(self.backend)
 
 
 class TrainResult(NamedTuple):
@@ -57,7 +126,7 @@ class TrainResult(NamedTuple):
         params: the trained θ, new detached tensors.
         history: (iterations,) float64, the meta-batch mean of the post-adaptation query loss
             at each iteration, before that iteration's update.
-        config: a JSON-ready dict of everything needed to reproduce the run.
+        config: the run's record: a JSON-ready dict of everything needed to reproduce it.
     """
 
     params: Params
@@ -83,6 +152,33 @@ class TrainingDiverged(FloatingPointError):
         self.iteration, self.checkpoint, self.result = iteration, checkpoint, result
 
 
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[list[int]]:
+    """Within the block, SIGINT and SIGTERM are recorded in the yielded list instead of
+    stopping the process; a second one raises ``KeyboardInterrupt`` at once. A signal the
+    process ignores (``SIG_IGN``, as experiment workers ignore the terminal's SIGINT) stays
+    ignored. Only in the main thread; elsewhere signals are left as they are."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s, h in old.items():
+        if h is not signal.SIG_IGN:
+            signal.signal(s, handler)
+    try:
+        yield caught
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def _describe(obj: object) -> Any:
     """A JSON-ready description of a loss or task sampler (dataclass fields where possible)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -95,68 +191,277 @@ def _describe(obj: object) -> Any:
     return getattr(obj, "__qualname__", None) or type(obj).__name__
 
 
-def check_writable_folder(folder: object, name: str) -> Path:
-    """``folder`` exists or can be created, is a folder, and accepts a file — checked now, before
-    any work, with a probe file that is removed again."""
-    if not isinstance(folder, (str, Path)):
-        raise TypeError(f"{name} must be a path, got {type(folder).__name__}")
-    path = Path(folder)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{name} {str(path)!r} exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".mamlkit-write-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"{name} {str(path)!r} is not writable: {error.strerror or error}") from error
-    return path
+# ---------------------------------------------------------------------------------- the tasks
+
+SAMPLE_BUDGET = 2_000_000
+"""Tasks are drawn for several iterations at once, as many as keep one draw under this many
+numbers (at most 100 iterations): one sampler call instead of one per iteration."""
 
 
-SECOND_SIGNAL_STOPS_AT_ONCE = True
-"""In an interactive process a second Ctrl-C stops at once; experiment workers, which may get
-both the terminal's SIGINT and their parent's SIGTERM, turn this off."""
+class TaskStream:
+    """The run's meta-batches: drawn ``chunk`` iterations at a time from one seeded generator,
+    on the parameters' device (tensors moved, never cast)."""
+
+    def __init__(self, sample_tasks: Callable[..., Any], meta_batch_size: int, seed: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.sample_tasks, self.meta_batch_size = sample_tasks, meta_batch_size
+        self.dtype, self.device = dtype, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.chunk = self._chunk_size()
+        self._batches: list[tuple[Batch, Batch]] = []
+        self._drawn = -1  # the chunk _batches holds
+        self._before_drawn = self.generator.get_state()
+
+    def _chunk_size(self) -> int:
+        """Iterations per draw, from the size of one meta-batch (probed with a private
+        generator, so the run's task stream is untouched)."""
+        probe = self.sample_tasks(self.meta_batch_size, generator=torch.Generator().manual_seed(0),
+                                  dtype=self.dtype)
+        numbers = sum(t.numel() for t in (*probe.support, *probe.query))
+        return max(1, min(100, SAMPLE_BUDGET // max(1, numbers)))
+
+    def batch(self, iteration: int, fresh: bool) -> tuple[Batch, Batch]:
+        """The meta-batch of ``iteration`` (``fresh``: draw its chunk now, as after a resume)."""
+        if fresh or iteration % self.chunk == 0:
+            self._before_drawn = self.generator.get_state()
+            tasks = self.sample_tasks(self.meta_batch_size * self.chunk, generator=self.generator,
+                                      dtype=self.dtype)
+            self._batches = list(zip(self._split(tasks.support), self._split(tasks.query)))
+            self._drawn = iteration // self.chunk
+        return self._batches[iteration % self.chunk]
+
+    def _split(self, pair: Any) -> list[Batch]:
+        n, t = self.chunk, self.meta_batch_size
+        parts = [x.to(self.device).reshape(n, t, *x.shape[1:]) for x in pair]
+        return [(parts[0][i], parts[1][i]) for i in range(n)]
+
+    def state_before(self, iteration: int) -> Tensor:
+        """The generator as it was before drawing the chunk that holds ``iteration``."""
+        drawn = self._drawn == iteration // self.chunk
+        return self._before_drawn if drawn else self.generator.get_state()
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+class TrainState(NamedTuple):
+    """The trainer's state between iterations."""
+
+    params: Params
+    optimizer: AdamState
+    iteration: int
+
+
+def _dict_step(plan: Plan, optimizer: Adam, max_grad_norm: float | None) -> StepRunner:
+    """Gradient, optional clip and Adam as three steps (any backend)."""
+
+    def step(params: Params, state: AdamState, support: Batch, query: Batch,
+             lr: float) -> tuple[Params, AdamState, Tensor]:
+        grads, losses = plan.run(params, support, query)
+        if max_grad_norm is not None:
+            grads = _clip_global_norm(grads, max_grad_norm)
+        params, state = optimizer.update(params, grads, state, lr)
+        return params, state, losses
+
+    return step
+
+
+class _Run:
+    """One training session: its record, state, task stream and checkpoint folder."""
+
+    def __init__(self, config: TrainConfig, loss_fn: LossFn, params: Params, sample_tasks: Any,
+                 folder: Path | None, resume: bool) -> None:
+        self.config, self.loss_fn, self.folder = config, loss_fn, folder
+        like = reference_tensor(params)
+        self.tasks = TaskStream(sample_tasks, config.meta_batch_size, config.seed, like.dtype,
+                                like.device)
+        self.order = config.backend_order()
+        self.record = _record(config, loss_fn, params, sample_tasks, self.tasks.chunk)
+        self.state = TrainState(params, config.optimizer.init(params), 0)
+        self.values: list[float] = []
+        self.previous_seconds, self.session_start = 0.0, time.perf_counter()
+        self._steps: dict[int, tuple[Plan, StepRunner]] = {}
+        self._saved: tuple[int, TrainResult] | None = None
+        if folder is not None:
+            remove_temporaries(checkpoint_path(folder))  # left by a process killed mid-save
+        if resume:
+            assert folder is not None
+            self._resume(load_checkpoint(folder), like.device)
+
+    def _resume(self, saved: Checkpoint, device: torch.device) -> None:
+        _check_same_run(saved.config, self.record, checkpoint_path(self.folder))  # type: ignore[arg-type]
+        if saved.iteration > self.config.iterations:
+            raise ValueError(f"the checkpoint in {str(self.folder)!r} is at iteration "
+                             f"{saved.iteration}, past iterations={self.config.iterations}")
+        move = {k: v.to(device) for k, v in saved.params.items()}
+        adam = AdamState(saved.adam.step, {k: v.to(device) for k, v in saved.adam.m.items()},
+                         {k: v.to(device) for k, v in saved.adam.v.items()})
+        self.state = TrainState(move, adam, saved.iteration)
+        if saved.config.get("backend") in BACKENDS:  # the same backend: bit-identical numbers
+            self.order = (saved.config["backend"],)
+        self.tasks.generator.set_state(saved.generator)
+        self.previous_seconds = float(saved.config.get("train_seconds", 0.0))
+        self.values = saved.history.tolist()
+
+    def step(self, fresh: bool) -> float:
+        """One meta-iteration; returns its meta-loss (the state moves on only when finite)."""
+        support, query = self.tasks.batch(self.state.iteration, fresh)
+        runner = self._runner(support, query)
+        params, opt, losses = runner(self.state.params, self.state.optimizer, support, query,
+                                     self.config.meta_lr)
+        value = losses.mean().item()
+        if math.isfinite(value):
+            self.values.append(value)
+            self.state = TrainState(params, opt, self.state.iteration + 1)
+        return value
+
+    def _runner(self, support: Batch, query: Batch) -> StepRunner:
+        """The step runner of this meta-batch's plan (made once per plan)."""
+        c = self.config
+        plan = plan_meta_batch(c.method, self.loss_fn, self.state.params, support, query, lr=c.lr,
+                               steps=c.steps, backend=c.backend, hypers=c.hypers, order=self.order)
+        found = self._steps.get(id(plan))
+        if found is None or found[0] is not plan:
+            build = plan.backend.build_step
+            runner = (build(plan.problem, c.optimizer, c.max_grad_norm) if build is not None
+                      else _dict_step(plan, c.optimizer, c.max_grad_norm))
+            found = self._steps[id(plan)] = (plan, runner)
+            self.record["backend"] = plan.backend.name
+        return found[1]
+
+    def seconds(self) -> float:
+        return round(self.previous_seconds + time.perf_counter() - self.session_start, 3)
+
+    def result(self) -> TrainResult:
+        """The state as a :class:`TrainResult`, the training time stamped now (or at the last
+        save, if nothing ran since: the saved record and the returned one then agree)."""
+        if self._saved is not None and self._saved[0] == self.state.iteration:
+            return self._saved[1]
+        self.record["train_seconds"] = self.seconds()
+        history = torch.tensor(self.values, dtype=torch.float64)
+        return TrainResult(tree_detach(self.state.params), history, dict(self.record))
+
+    def save(self, status: str) -> Path | None:
+        """Checkpoint the state."""
+        if self.folder is None:
+            return None
+        self._saved = None
+        result = self.result()
+        done = self.state.iteration
+        self._saved = (done, result)
+        return save_checkpoint(Checkpoint(result.params, self.state.optimizer, done,
+                                          self.tasks.state_before(done), result.history,
+                                          result.config, status), self.folder)
+
+
+def _record(config: TrainConfig, loss_fn: object, params: Params, sample_tasks: object,
+            chunk: int) -> dict[str, Any]:
+    """The run's record: the settings and the facts a resume must find unchanged."""
+    like = reference_tensor(params)
+    record = dataclasses.asdict(config)
+    record["hypers"] = dict(config.hypers)
+    record["backend_choice"] = config.backend  # "backend" becomes the record that ran
+    record.update({
+        "optimizer": {"name": "adam", "betas": list(config.optimizer.betas), "eps": config.optimizer.eps},
+        "loss": _describe(loss_fn),
+        "tasks": _describe(sample_tasks),
+        "param_shapes": {k: list(v.shape) for k, v in params.items()},
+        "dtype": str(like.dtype).removeprefix("torch."),
+        "device": str(like.device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "sample_chunk": chunk,
+    })
+    return record
+
+
+def _check_same_run(saved: dict[str, Any], requested: dict[str, Any], path: Path) -> None:
+    differ = sorted(k for k in set(saved) | set(requested)
+                    if k not in (*RESUMABLE, "backend") and saved.get(k) != requested.get(k))
+    if differ:
+        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {requested.get(k)!r}"
+                            for k in differ[:4])
+        raise ValueError(f"cannot resume from {str(path)!r}: the settings differ ({details})")
+
+
+# ---------------------------------------------------------------------------------- the loop
+
+
+def run_training(
+    config: TrainConfig,
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    sample_tasks: Callable[..., Any],
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log_every: int = 100,
+    on_log: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """:func:`meta_train` with its settings in a :class:`TrainConfig` (what the command line
+    and the experiments call); see :func:`meta_train` for the rest."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    checked_loss(loss_fn)
+    theta = {k: v.detach().clone() for k, v in check_params(params).items()}
+    check_callable(sample_tasks, "sample_tasks", "sample_tasks(num_tasks, *, generator, dtype)")
+    log_every = check_positive_int(log_every, "log_every")
+    check_bool(progress, "progress")
+    check_bool(resume, "resume")
+    if config.checkpoint_every is not None and checkpoint_dir is None:
+        raise ValueError("checkpoint_every needs checkpoint_dir")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume needs checkpoint_dir")
+    if on_log is not None:
+        check_callable(on_log, "on_log", "on_log(iteration, running_mean)")
+    folder = check_writable_folder(checkpoint_dir, "checkpoint_dir") if checkpoint_dir is not None else None
+    run = _Run(config, loss_fn, theta, sample_tasks, folder, resume)
+    first = run.state.iteration
+    with deferred_signals() as caught, _progress_bar(progress, config, first) as bar:
+        while run.state.iteration < config.iterations:
+            it = run.state.iteration
+            if not math.isfinite(run.step(fresh=it == first)):
+                path = run.save("diverged")
+                raise TrainingDiverged(
+                    f"{config.method} stopped: non-finite meta-loss at iteration {it} (a diverging "
+                    "method, or NaN/inf in the data); the last finite state is "
+                    + (f"in {path}" if path else "in .result"), it, path, run.result())
+            _report(run, bar, log_every, on_log)
+            done = run.state.iteration
+            if caught:
+                raise TrainingInterrupted(caught[0], done, run.save("interrupted"), run.result())
+            every = config.checkpoint_every
+            if every is not None and done % every == 0 and done < config.iterations:
+                run.save("running")
+        run.save("finished")
+    return run.result()
 
 
 @contextlib.contextmanager
-def deferred_signals() -> Iterator[list[int]]:
-    """Within the block, SIGINT and SIGTERM are recorded in the yielded list instead of
-    stopping the process (a second one raises ``KeyboardInterrupt`` at once, unless
-    :data:`SECOND_SIGNAL_STOPS_AT_ONCE` is off). Only in the main thread; elsewhere signals are
-    left as they are."""
-    caught: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
+def _progress_bar(progress: bool, config: TrainConfig, start: int) -> Iterator[Any]:
+    if not progress or start >= config.iterations:
+        yield None
         return
+    from tqdm.auto import tqdm
 
-    def handler(signum: int, frame: object) -> None:
-        if caught and SECOND_SIGNAL_STOPS_AT_ONCE:
-            raise KeyboardInterrupt
-        caught.append(signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = tqdm(total=config.iterations, initial=start, desc=config.method, leave=False)
     try:
-        yield caught
+        yield bar
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        bar.close()
 
 
-def resolve_train_backend(backend: str, loss_fn: object, params: Params, iterations: int) -> str:
-    """The concrete backend of a training run: ``"auto"`` compiles the built-in MLP from
-    :data:`AUTO_COMPILE_ITERATIONS` iterations on, runs it fused below, and vmaps anything else."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    try:
-        fused_spec(loss_fn, params)
-    except ValueError:
-        return "vmap"
-    return "compiled" if iterations >= AUTO_COMPILE_ITERATIONS else "fused"
-
-
-_RESUMABLE_KEYS = ("iterations", "checkpoint_every", "train_seconds")  # may differ between a run and its resume
+def _report(run: _Run, bar: Any, log_every: int, on_log: Callable[[int, float], None] | None) -> None:
+    done = run.state.iteration
+    if bar is not None:
+        bar.update(1)
+    if done % log_every == 0:
+        running = sum(run.values[done - log_every : done]) / log_every
+        if bar is not None:
+            bar.set_postfix(meta_loss=f"{running:.4f}")
+        if on_log is not None:
+            on_log(done, running)
 
 
 def meta_train(
@@ -188,29 +493,19 @@ def meta_train(
     (T, K, …), e.g. :class:`mamlkit.tasks.SinusoidFamily`; d is the dtype of ``params``; tensors
     are moved to the parameters' device, never cast), computes the meta-gradient of ``method``
     (any key of :data:`mamlkit.METHODS`, the ``"pretrained"`` joint-training baseline included)
-    and takes an Adam step of size ``meta_lr``.
+    and takes an Adam step of size ``meta_lr``. The settings are those of :class:`TrainConfig`;
+    the rest:
 
     Args:
-        method: a key of :data:`mamlkit.METHODS`.
+        method, meta_batch_size, iterations, lr, meta_lr, steps, seed, backend, max_grad_norm,
+            checkpoint_every: see :class:`TrainConfig`.
         loss_fn: ``loss_fn(params, batch)`` for one task.
         params: the initial θ; never modified (training runs on copies).
         sample_tasks: ``sample_tasks(num_tasks, *, generator, dtype)`` → object with
             ``support`` and ``query`` batched pairs.
-        meta_batch_size: T ≥ 1 tasks per iteration.
-        iterations: the number of meta-iterations ≥ 0 (the total, when resuming).
-        lr: the inner step size α.
-        meta_lr: Adam's step size β > 0.
-        steps: inner steps k.
-        seed: seeds the task generator (0 … 2⁶⁴ − 1).
-        backend: as ``meta_batch_grad``; ``"auto"`` compiles the built-in MLP from
-            :data:`AUTO_COMPILE_ITERATIONS` iterations on, uses the fused kernels below that,
-            and vmap for any other model.
-        max_grad_norm: off (``None``) or a bound c > 0 on the global L2 norm of the
-            meta-gradient, ``g ← g·min(1, c/(‖g‖ + 10⁻⁶))``, before the Adam step.
         checkpoint_dir: where ``checkpoint.pt`` is kept (checked writable before training); it
             is written every ``checkpoint_every`` iterations, on SIGINT/SIGTERM, on divergence
             and at the end.
-        checkpoint_every: the period in iterations (needs ``checkpoint_dir``).
         resume: continue the run checkpointed in ``checkpoint_dir`` (its settings must match,
             except ``iterations``); the result is bit-identical to an uninterrupted run.
         progress: show a tqdm bar (imported only when used).
@@ -235,194 +530,10 @@ def meta_train(
         >>> result.history.shape, result.config["method"]
         (torch.Size([3]), 'maml')
     """
-    entry = get_method(method)
-    checked_loss(loss_fn)
-    theta = {k: v.detach().clone() for k, v in check_params(params).items()}
-    check_callable(sample_tasks, "sample_tasks", "sample_tasks(num_tasks, *, generator, dtype)")
-    meta_batch_size = check_positive_int(meta_batch_size, "meta_batch_size")
-    iterations = check_steps(iterations, "iterations")
-    lr, meta_lr = check_lr(lr), check_positive(meta_lr, "meta_lr")
-    steps = entry.check_steps(check_steps(steps))
-    seed = check_seed(seed)
-    log_every = check_positive_int(log_every, "log_every")
-    check_bool(progress, "progress")
-    check_bool(resume, "resume")
-    hypers = entry.resolve(hypers)
-    if max_grad_norm is not None:
-        max_grad_norm = check_positive(max_grad_norm, "max_grad_norm")
-    if checkpoint_every is not None:
-        checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
-        if checkpoint_dir is None:
-            raise ValueError("checkpoint_every needs checkpoint_dir")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume needs checkpoint_dir")
-    folder = check_writable_folder(checkpoint_dir, "checkpoint_dir") if checkpoint_dir is not None else None
-    if on_log is not None:
-        check_callable(on_log, "on_log", "on_log(iteration, running_mean)")
-    concrete = resolve_train_backend(backend, loss_fn, theta, iterations)
-    like = reference_tensor(theta)
-    dtype, device = like.dtype, like.device
-
-    config: dict[str, Any] = {
-        "method": entry.name,
-        "meta_batch_size": meta_batch_size,
-        "iterations": iterations,
-        "lr": lr,
-        "meta_lr": meta_lr,
-        "steps": steps,
-        "seed": seed,
-        "hypers": hypers,
-        "max_grad_norm": max_grad_norm,
-        "backend": concrete,
-        "optimizer": {"name": "adam", "betas": list(ADAM_BETAS), "eps": ADAM_EPS},
-        "loss": _describe(loss_fn),
-        "tasks": _describe(sample_tasks),
-        "param_shapes": {k: list(v.shape) for k, v in theta.items()},
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "checkpoint_every": checkpoint_every,
-    }
-    chunk = _chunk_size(sample_tasks, meta_batch_size, dtype)
-    config["sample_chunk"] = chunk
-    generator = torch.Generator().manual_seed(seed)
-    adam = adam_init(theta)
-    history = torch.empty(iterations, dtype=torch.float64)
-    start, previous_seconds, session_start = 0, 0.0, time.perf_counter()
-    if resume:
-        assert folder is not None
-        saved = load_checkpoint(folder)
-        _check_same_run(saved.config, config, checkpoint_path(folder))
-        if saved.iteration > iterations:
-            raise ValueError(f"the checkpoint in {str(folder)!r} is at iteration {saved.iteration}, "
-                             f"past iterations={iterations}")
-        theta = {k: v.to(device) for k, v in saved.params.items()}
-        adam = AdamState(saved.adam.step, {k: v.to(device) for k, v in saved.adam.m.items()},
-                         {k: v.to(device) for k, v in saved.adam.v.items()})
-        generator.set_state(saved.generator)
-        start = saved.iteration
-        previous_seconds = float(saved.config.get("train_seconds", 0.0))
-        history[:start] = saved.history
-
-    batches: list[tuple[Any, Any]] = []
-    drawn_chunk = -1  # the chunk `batches` holds
-    values: list[float] = history[:start].tolist()
-    chunk_start_state = generator.get_state()
-
-    state: Any = None  # the plan's packed (params, Adam) while training
-
-    def current() -> tuple[Params, AdamState]:
-        return (theta, adam) if plan is None else plan.unpack(state)
-
-    def stamp() -> None:  # training wall time, summed over the sessions of a resumed run
-        config["train_seconds"] = round(previous_seconds + time.perf_counter() - session_start, 3)
-
-    def snapshot(done: int, status: str) -> Checkpoint:
-        # the generator as it was before drawing the chunk that holds iteration `done`
-        drawn = drawn_chunk == done // chunk  # iteration `done`'s tasks are already drawn
-        generator_state = chunk_start_state if drawn else generator.get_state()
-        params_now, adam_now = current()
-        history[:done] = torch.tensor(values[:done], dtype=torch.float64)
-        return Checkpoint(tree_detach(params_now), adam_now, done, generator_state, history[:done].clone(),
-                          config, status)
-
-    def save(done: int, status: str) -> Path | None:
-        stamp()  # the saved config and the returned result carry the same training time
-        return save_checkpoint(snapshot(done, status), folder) if folder is not None else None
-
-    def result(done: int) -> TrainResult:
-        if folder is None:
-            stamp()
-        params_now, _ = current()
-        history[:done] = torch.tensor(values[:done], dtype=torch.float64)
-        return TrainResult(tree_detach(params_now), history[:done].clone(), config)
-
-    plan = None
-    bar = None
-    if progress and iterations > start:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=iterations, initial=start, desc=entry.name, leave=False)
-    with deferred_signals() as caught:
-        for it in range(start, iterations):
-            if it % chunk == 0 or it == start:
-                chunk_start_state = generator.get_state()
-                batches = _draw_chunk(sample_tasks, meta_batch_size, chunk, generator, dtype, device)
-                drawn_chunk = it // chunk
-                if plan is None:
-                    plan = plan_meta_batch(entry.name, loss_fn, theta, *batches[0], lr=lr,
-                                           steps=steps, backend=concrete, hypers=hypers)
-                    state = plan.pack(theta, adam)
-                plan.recheck(*batches[0])  # every meta-batch of a draw has the same shapes
-            support, query = batches[it % chunk]
-            new_state, losses = plan.train_step(state, support, query, meta_lr, max_grad_norm)
-            value = losses.mean().item()
-            if not math.isfinite(value):
-                path = save(it, "diverged")
-                if bar is not None:
-                    bar.close()
-                raise TrainingDiverged(
-                    f"{entry.name} stopped: non-finite meta-loss at iteration {it} (a diverging "
-                    "method, or NaN/inf in the data); the last finite state is "
-                    + (f"in {path}" if path else "in .result"), it, path, result(it))
-            values.append(value)
-            state = new_state
-            done = it + 1
-            if bar is not None:
-                bar.update(1)
-            if done % log_every == 0:
-                running = sum(values[done - log_every : done]) / log_every
-                if bar is not None:
-                    bar.set_postfix(meta_loss=f"{running:.4f}")
-                if on_log is not None:
-                    on_log(done, running)
-            if caught:
-                path = save(done, "interrupted")
-                if bar is not None:
-                    bar.close()
-                raise TrainingInterrupted(caught[0], done, path, result(done))
-            if checkpoint_every is not None and done % checkpoint_every == 0 and done < iterations:
-                save(done, "running")
-        if bar is not None:
-            bar.close()
-        save(iterations, "finished")
-    return result(iterations)
-
-
-SAMPLE_BUDGET = 2_000_000
-"""Tasks are drawn for several iterations at once, as many as keep one draw under this many
-numbers (at most 100 iterations): one sampler call instead of one per iteration."""
-
-
-def _chunk_size(sample_tasks: Callable[..., Any], meta_batch_size: int, dtype: torch.dtype) -> int:
-    """Iterations per draw, from the size of one meta-batch (probed with a private generator,
-    so the run's task stream is untouched)."""
-    probe = sample_tasks(meta_batch_size, generator=torch.Generator().manual_seed(0), dtype=dtype)
-    numbers = sum(t.numel() for t in (*probe.support, *probe.query))
-    return max(1, min(100, SAMPLE_BUDGET // max(1, numbers)))
-
-
-def _draw_chunk(sample_tasks: Callable[..., Any], meta_batch_size: int, chunk: int,
-                generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> list[tuple[Any, Any]]:
-    """``chunk`` meta-batches from one call of the sampler (its tasks split in order), on the
-    parameters' device; tensors are moved, never cast."""
-    tasks = sample_tasks(meta_batch_size * chunk, generator=generator, dtype=dtype)
-
-    def split(pair: Any) -> list[tuple[Tensor, ...]]:
-        parts = [t.to(device).reshape(chunk, meta_batch_size, *t.shape[1:]) for t in pair]
-        return [tuple(p[i] for p in parts) for i in range(chunk)]
-
-    return list(zip(split(tasks.support), split(tasks.query)))
-
-
-def _check_same_run(saved: dict[str, Any], requested: dict[str, Any], path: Path) -> None:
-    differ = sorted(k for k in set(saved) | set(requested)
-                    if k not in _RESUMABLE_KEYS and saved.get(k) != requested.get(k))
-    if differ:
-        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {requested.get(k)!r}"
-                            for k in differ[:4])
-        raise ValueError(f"cannot resume from {str(path)!r}: the settings differ ({details})")
+    config = TrainConfig(method, meta_batch_size, iterations, lr, meta_lr, steps, seed, backend,
+                         max_grad_norm, checkpoint_every, hypers)
+    return run_training(config, loss_fn, params, sample_tasks, checkpoint_dir=checkpoint_dir,
+                 resume=resume, progress=progress, log_every=log_every, on_log=on_log)
 
 
 def trained(checkpoint: Checkpoint) -> TrainResult:
@@ -432,12 +543,14 @@ def trained(checkpoint: Checkpoint) -> TrainResult:
 
 __all__ = [
     "AUTO_COMPILE_ITERATIONS",
+    "TaskStream",
+    "TrainConfig",
     "TrainResult",
+    "TrainState",
     "TrainingDiverged",
     "TrainingInterrupted",
-    "check_writable_folder",
     "deferred_signals",
     "meta_train",
-    "resolve_train_backend",
+    "run_training",
     "trained",
 ]

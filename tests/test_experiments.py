@@ -10,38 +10,41 @@ import torch
 
 from mamlkit import METHODS
 from mamlkit._cli import main
-from mamlkit._experiments import sinusoid
+from mamlkit._experiments import common
 from mamlkit._experiments.common import over_seeds
 from mamlkit._experiments.sinusoid import (
+    EXPERIMENT,
     PAPER_FIG3,
     PAPER_SOURCE,
     SETTINGS,
-    Protocol,
-    check_settings,
+    SinusoidProtocol,
+    method_settings,
     reproduce_sinusoid,
-    run_checks,
 )
 from mamlkit.train import load_checkpoint
 
 
 def test_protocol_defaults_are_the_papers():
-    p = Protocol()
+    p = SinusoidProtocol()
     assert p.sizes == (1, 40, 40, 1) and p.k_train == 10 and p.lr == 0.01 and p.meta_lr == 1e-3
     assert p.meta_batch_size == 25 and p.iterations == 70_000
     assert p.eval_k == (5, 10, 20) and p.eval_tasks == 600 and p.eval_steps == 10
-    assert len(p.training_seeds) >= 3 and set(p.methods) == set(METHODS)
-    quick = Protocol.quick()
+    assert len(p.training_seeds) >= 3 and set(p.methods) <= set(METHODS)
+    assert set(p.methods) == {"maml", "fomaml", "reptile", "imaml", "pretrained"}
+    quick = SinusoidProtocol.quick()
     assert quick.iterations < p.iterations and quick.eval_tasks < p.eval_tasks
     assert quick.lr == p.lr and quick.meta_batch_size == p.meta_batch_size
 
 
-def test_settings_are_checked_against_the_method_table():
-    assert check_settings(SETTINGS)["imaml"] == {"lr": 0.01, "steps": 5, "lam": 10.0, "cg_steps": 5}
-    assert set(SETTINGS) == set(METHODS)
+def test_settings_are_the_protocol_and_the_table_with_the_experiment_changes():
+    assert method_settings("imaml", 0.01) == {"lr": 0.01, "steps": 5, "lam": 10.0, "cg_steps": 5}
+    assert method_settings("maml", 0.01) == {"lr": 0.01, "steps": 1}
+    assert method_settings("reptile", 0.01) == {"lr": 0.02, "steps": 5}
+    assert set(SETTINGS) <= set(METHODS)
     with pytest.raises(TypeError, match="method 'maml' takes no keyword"):
-        check_settings({"maml": {"lr": 0.01, "steps": 1, "lam": 3.0}})
+        method_settings("maml", 0.01, {"lam": 3.0})
     with pytest.raises(ValueError, match="steps must be >= 1 for 'reptile'"):
-        check_settings({"reptile": {"lr": 0.01, "steps": 0}})
+        method_settings("reptile", 0.01, {"steps": 0})
 
 
 def test_over_seeds_separates_the_two_kinds_of_uncertainty():
@@ -73,7 +76,7 @@ def fake(maml, pretrained, half=0.1, sd=0.0):
     ],
 )
 def test_run_checks(maml, pretrained, sd, quick, expected):
-    checks = run_checks(fake(maml, pretrained, sd=sd), quick)
+    checks = EXPERIMENT.checks(fake(maml, pretrained, sd=sd), quick)
     assert [c["passed"] for c in checks] == expected
     if not quick:
         assert all(str(b) in checks[i + 1]["name"] for i, b in enumerate(PAPER_FIG3["maml"].values()))
@@ -134,14 +137,14 @@ def test_several_seeds_end_to_end(tmp_path):
 
 
 def test_results_are_written_before_figures_and_without_matplotlib(tmp_path, monkeypatch):
-    monkeypatch.setattr(sinusoid, "check_figures_possible", lambda: "figures skipped: no matplotlib")
+    monkeypatch.setattr(common, "check_figures_possible", lambda: "figures skipped: no matplotlib")
     results = reproduce_sinusoid(tmp_path, methods=["maml"], **TINY)
     assert results["notes"] == ["figures skipped: no matplotlib"]
     assert (tmp_path / "results.json").is_file() and not list(tmp_path.glob("*.png"))
 
 
 def test_a_diverging_method_is_reported_not_evaluated(tmp_path, monkeypatch):
-    monkeypatch.setitem(SETTINGS, "fomaml", {"lr": 1e30, "steps": 1})
+    monkeypatch.setitem(SETTINGS, "fomaml", {"lr": 1e30})
     results = reproduce_sinusoid(tmp_path, methods=["maml", "fomaml"], figures=False, **TINY)
     run = results["methods"]["fomaml"]["runs"]["0"]
     assert "diverged" in run and "eval" not in run and "summary" not in results["methods"]["fomaml"]

@@ -103,21 +103,3 @@ def test_imaml_against_a_dense_solve():
         a = torch.eye(n, dtype=F64) + hessian(loss, phi, s) / 3.0
         expected += torch.linalg.solve(a, flatten_params(torch.func.grad(loss)(phi, q))) / N_TASKS
     torch.testing.assert_close(flatten_params(grads), expected, rtol=1e-7, atol=1e-10)
-
-
-
-
-def test_the_benchmarks_eager_implementations_compute_the_exact_meta_gradient():
-    """benchmarks/bench_meta.py asserts this for every implementation before timing (the
-    compiled ones and the libraries there); keep the eager ones true between runs."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_meta.py"
-    spec = importlib.util.spec_from_file_location("bench_meta", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    eager = ("mamlkit fused", "mamlkit vmap", "torch.func vmap (eager)", "autograd loop")
-    cases = [(impl, s) for impl in eager for s in bench.SETTINGS]
-    errors = bench.check_gradients(cases)
-    assert len(errors) == len(cases) and max(errors.values()) < 1e-9

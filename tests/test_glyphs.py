@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from mamlkit._experiments.glyphs import nearest_neighbour, reproduce_glyphs, run_checks
+from mamlkit._experiments.glyphs import EXPERIMENT, GlyphProtocol, nearest_neighbour, reproduce_glyphs
 from mamlkit._glyphs import DUPLICATE, SPLITS
 from mamlkit.tasks import GlyphFamily, conv_net, glyph_bank
 
@@ -77,9 +77,7 @@ def test_conv_net_shapes_and_seed():
 
 
 def test_nearest_neighbour_is_above_chance():
-    from mamlkit._experiments.glyphs import Protocol
-
-    result = nearest_neighbour(Protocol(eval_tasks=50))
+    result = nearest_neighbour(GlyphProtocol(eval_tasks=50))
     assert 0.2 < result["1"]["accuracy"] < result["5"]["accuracy"] < 1
 
 
@@ -87,9 +85,9 @@ def test_run_checks():
     rows = [{"method": "maml", "shots": 1, "accuracy": 0.93, "ci95": 0.01},
             {"method": "pretrained", "shots": 1, "accuracy": 0.5, "ci95": 0.02}]
     results = {"protocol": {"eval_shots": [1]}, "results": rows}
-    assert [c["passed"] for c in run_checks(results, quick=False)] == [True, True]
+    assert [c["passed"] for c in EXPERIMENT.checks(results, quick=False)] == [True, True]
     rows[0]["accuracy"] = 0.85
-    checks = run_checks(results, quick=False)
+    checks = EXPERIMENT.checks(results, quick=False)
     assert [c["passed"] for c in checks] == [True, False] and "-5.0 points" in checks[1]["detail"]
 
 

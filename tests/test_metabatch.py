@@ -12,7 +12,7 @@ from helpers import F64, assert_tree_close, per_task_reference, random_mlp_probl
 import mamlkit as mk
 from mamlkit import METHODS, meta_batch_grad
 from mamlkit._fused import KERNELS
-from mamlkit._metabatch import plan_meta_batch, resolve_backend
+from mamlkit._metabatch import plan_meta_batch
 from mamlkit.tasks import quadratic_loss, sample_quadratic_tasks, sample_sinusoid_tasks
 
 MSE = mk.make_mse_loss(mk.mlp)
@@ -69,7 +69,7 @@ def test_any_loss_through_vmap_matches_the_per_task_engines(method):
 def test_compiled_fused_matches_the_per_task_engines(method, tmp_path, monkeypatch):
     """Ahead-of-time compiled kernels. A cold compile takes tens of seconds, so `make test` holds
     one method to it (MAML, whose kernel holds every contraction the others use);
-    `make test-compiled` runs benchmarks/check_compiled.py, every method on both compiled paths."""
+    `make test-compiled` runs tests/test_compiled.py, every method on both compiled backends."""
     monkeypatch.setenv("MAMLKIT_CACHE_DIR", str(tmp_path))
     params, support, query = random_mlp_problem((1, 4, 3, 1), seed=1)
     grads, losses = meta_batch_grad(method, MSE, params, support, query, lr=0.05, steps=2,
@@ -179,13 +179,20 @@ def test_imaml_zero_right_hand_side_stays_finite():
 # ------------------------------------------------------------------------- backends, the table
 
 
+def _chosen(backend, loss, method="maml"):
+    params, support, query = random_mlp_problem((1, 4, 1))
+    return plan_meta_batch(method, loss, params, support, query, lr=0.1, steps=1, backend=backend).backend.name
+
+
 def test_backend_rules():
-    params = mk.init_mlp((1, 4, 1))
-    assert resolve_backend("auto", MSE, params)[0] == "fused"
-    assert resolve_backend("auto", OPAQUE, params)[0] == "vmap"
-    assert resolve_backend("compiled", OPAQUE, params) == ("compiled", None)
-    assert resolve_backend("compiled", MSE, params)[1] is not None
-    assert resolve_backend("vmap", MSE, params) == ("vmap", None)
+    assert _chosen("auto", MSE) == "fused"
+    assert _chosen("auto", OPAQUE) == "vmap"
+    assert _chosen("compiled", OPAQUE) == "vmap-compiled"
+    assert _chosen("compiled", MSE) == "fused-compiled"
+    assert _chosen("vmap", MSE) == "vmap"
+    assert set(mk.BACKENDS) == {"vmap", "fused", "fused-compiled", "vmap-compiled"}
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _chosen("gpu", MSE)
 
 
 @pytest.mark.parametrize(
@@ -221,14 +228,22 @@ def test_the_table_describes_every_method():
     assert METHODS["maml"].second_order and not METHODS["fomaml"].second_order
 
 
-def test_a_plan_rechecks_a_meta_batch_of_another_shape():
+def test_a_repeated_call_reuses_its_plan_and_any_other_is_checked_in_full():
     params, support, query = random_mlp_problem((1, 4, 1))
-    plan = plan_meta_batch("maml", MSE, params, support, query, lr=0.1, steps=1, backend="fused")
-    plan(params, support, query)
-    with pytest.raises(ValueError, match="same number of tasks"):
-        plan(params, support, (query[0][:2], query[1][:2]))
-    with pytest.raises(TypeError, match="dtype of params"):
-        plan(params, support, (query[0].float(), query[1]))
+    kw = {"lr": 0.1, "steps": 1, "backend": "fused"}
+    first = plan_meta_batch("maml", MSE, params, support, query, **kw)
+    assert plan_meta_batch("maml", MSE, dict(params), support, query, **kw) is first
+    assert plan_meta_batch("maml", MSE, params, support, query, **{**kw, "lr": 0.2}) is not first
+    for backend in ("fused", "vmap"):
+        meta_batch_grad("maml", MSE, params, support, query, lr=0.1, backend=backend)
+        with pytest.raises(ValueError, match="same number of tasks"):
+            meta_batch_grad("maml", MSE, params, support, (query[0][:2], query[1][:2]), lr=0.1, backend=backend)
+        with pytest.raises(TypeError, match="dtype of params"):
+            meta_batch_grad("maml", MSE, params, support, (query[0].float(), query[1]), lr=0.1, backend=backend)
+        with pytest.raises(TypeError, match="lr must be a real number"):
+            meta_batch_grad("maml", MSE, params, support, query, lr=True, backend=backend)
+        with pytest.raises(ValueError, match="lr must be finite"):
+            meta_batch_grad("maml", MSE, params, support, query, lr=float("nan"), backend=backend)
 
 
 def test_sinusoid_sampler_feeds_the_fused_path():

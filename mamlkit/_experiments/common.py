@@ -1,5 +1,10 @@
-"""What every experiment shares: the evaluation recipe, summaries over training seeds, and a
-job runner that trains in parallel processes and can be stopped at any moment.
+"""The skeleton every experiment shares: a protocol with a quick mode, one job per (method,
+training seed), the evaluation recipe, summaries over training seeds, a job runner that trains in
+parallel processes and can be stopped at any moment, and the report writer.
+
+An experiment is one module that defines an :class:`Experiment` (its protocol, how one job's
+model, tasks and training settings are made, how a trained model is evaluated, the results, the
+checks and the report) and is listed in :data:`EXPERIMENTS`; :func:`reproduce` runs any of them.
 
 The runner executes independent jobs (one method and one training seed each) in up to
 ``workers`` spawned processes with one torch thread each, prints a progress line for every job
@@ -11,24 +16,34 @@ was killed) checkpoints and exits too, so no orphan keeps training.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import platform
 import queue as queue_module
 import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import _train
-from .._checks import derived_seed
+from .. import _checkpoint, _files
+from .._checks import check_positive_int, check_seed, derived_seed
 from .._evaluate import EvalResult, evaluate
+from .._methods import get_method
 from .._runtime import set_cpu_threads
-from .._train import TrainingInterrupted, deferred_signals
+from .._train import (
+    TrainConfig,
+    TrainingDiverged,
+    TrainingInterrupted,
+    deferred_signals,
+    run_training,
+)
 
 EVAL_SEED = 10_000  # test tasks for K are drawn with seed EVAL_SEED + K, for every method and seed
 
@@ -54,13 +69,16 @@ def evaluate_tasks(
     lr: float,
     steps: int,
     seed: int,
+    method: str | None = None,
+    hypers: Mapping[str, Any] | None = None,
 ) -> EvalResult:
     """The one evaluation recipe: ``num_tasks`` fresh tasks from ``family`` drawn with a generator
-    seeded with ``seed`` in the parameters' dtype, fine-tuned and scored by
+    seeded with ``seed`` in the parameters' dtype, fine-tuned as ``method`` adapts and scored by
     :func:`mamlkit.train.evaluate`."""
     dtype = next(iter(params.values())).dtype
     tasks = family(num_tasks, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-    return evaluate(loss_fn, params, tasks.support, tasks.query, lr=lr, steps=steps)
+    return evaluate(loss_fn, params, tasks.support, tasks.query, lr=lr, steps=steps, method=method,
+                    **(hypers or {}))
 
 
 def eval_seed(k: int) -> int:
@@ -123,7 +141,6 @@ def _worker(jobs: Any, messages: Any, parent: int) -> None:
     signals deferred to meta_train, orphan detection. Kept for several jobs, so that torch is
     imported and compiled kernels are loaded once per worker, not once per job."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it forwards SIGTERM
-    _train.SECOND_SIGNAL_STOPS_AT_ONCE = False
     set_cpu_threads(1)
     while (job := jobs.get()) is not None:
         messages.put(("started", job.key, None))
@@ -211,3 +228,220 @@ def check_figures_possible() -> str | None:
     except ImportError:
         return "figures skipped: matplotlib is not installed (pip install 'mamlkit[notebooks]')"
     return None
+
+
+# ----------------------------------------------------------------------------- the skeleton
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What every protocol holds (an experiment's protocol adds its own fields); the defaults of
+    a subclass are its full mode, :meth:`quick` its quick mode."""
+
+    methods: tuple[str, ...] = ()
+    training_seeds: tuple[int, ...] = (0,)
+    iterations: int = 1
+    eval_tasks: int = 1
+    backend: str = "auto"
+    checkpoint_every: int = 1
+    device: str = "cpu"
+
+    @classmethod
+    def quick(cls, **changes: Any) -> Protocol:
+        """The small version (a subclass says what it shrinks)."""
+        return replace(cls(), **changes)
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> Protocol:
+        """The protocol of ``asdict(protocol)`` (lists become tuples again)."""
+        return cls(**{f.name: tuple(record[f.name]) if isinstance(record[f.name], list) else record[f.name]
+                      for f in fields(cls) if f.name in record})
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One job's model, task family and training settings."""
+
+    loss_fn: Callable[..., Any]
+    params: dict[str, torch.Tensor]
+    sample_tasks: Callable[..., Any]
+    config: TrainConfig
+
+
+class Experiment:
+    """One paper experiment. Subclasses set the attributes and define the methods below."""
+
+    name: str = ""
+    protocol_type: type[Protocol] = Protocol
+
+    def setup(self, protocol: Any, method: str, seed: int) -> Setup:
+        """The model (initialised from ``seed``), the training tasks and the settings of one job."""
+        raise NotImplementedError
+
+    def evaluate(self, protocol: Any, method: str, setup: Setup, params: dict[str, torch.Tensor]) -> Any:
+        """The evaluation of one trained model (JSON-ready)."""
+        raise NotImplementedError
+
+    def prepare(self, protocol: Any) -> None:
+        """Work to do once before the jobs start (e.g. render a benchmark's images)."""
+
+    def results(self, protocol: Any, runs: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
+        """The results dict from every job's record (``runs["method/seedN"]``)."""
+        raise NotImplementedError
+
+    def checks(self, results: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
+        """The assertions of a run: ``[{"name", "passed", "detail"}]``."""
+        raise NotImplementedError
+
+    def markdown(self, results: dict[str, Any]) -> str:
+        """``results.md``."""
+        raise NotImplementedError
+
+    def figures(self, results: dict[str, Any], out: Path) -> list[str]:
+        """Write the PNG figures; return their names."""
+        raise NotImplementedError
+
+
+EXPERIMENTS: dict[str, str] = {
+    "sinusoid": "mamlkit._experiments.sinusoid",
+    "glyphs": "mamlkit._experiments.glyphs",
+}
+"""Every experiment by name, and the module that defines it (imported when used)."""
+
+
+def get_experiment(name: object) -> Experiment:
+    """The :class:`Experiment` called ``name``, or a ``ValueError`` listing the choices."""
+    if not isinstance(name, str) or name not in EXPERIMENTS:
+        raise ValueError(f"experiment must be one of {tuple(EXPERIMENTS)}, got {name!r}")
+    experiment: Experiment = importlib.import_module(EXPERIMENTS[name]).EXPERIMENT
+    return experiment
+
+
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    """Where one job keeps its checkpoint."""
+    return out / "checkpoints" / f"{method}-seed{seed}"
+
+
+def train_job(experiment: str, method: str, seed: int, protocol: dict[str, Any], out: str,
+              resume: bool, progress: bool, on_log: Any) -> dict[str, Any]:
+    """Train and evaluate one (method, seed) of an experiment; a divergence is reported, not
+    raised."""
+    exp = get_experiment(experiment)
+    p = exp.protocol_type.from_dict(protocol)
+    setup = exp.setup(p, method, seed)
+    folder = run_dir(Path(out), method, seed)
+    can_resume = resume and _checkpoint.checkpoint_path(folder).is_file()
+    start = time.perf_counter()
+    try:
+        result = run_training(setup.config, setup.loss_fn, setup.params, setup.sample_tasks,
+                       checkpoint_dir=folder, resume=can_resume, progress=progress,
+                       log_every=max(1, setup.config.iterations // 10), on_log=on_log)
+    except TrainingDiverged as error:
+        seconds = error.result.config.get("train_seconds", time.perf_counter() - start)
+        return {"diverged": str(error), "iteration": error.iteration, "train_seconds": round(seconds, 1)}
+    return {
+        "train_seconds": round(result.config["train_seconds"], 1),
+        "resumed": can_resume,
+        "backend": result.config["backend"],
+        "final_meta_loss": (binned(result.history, 20)["meta_loss"] or [None])[-1],
+        "learning_curve": binned(result.history),
+        "eval": exp.evaluate(p, method, setup, result.params),
+    }
+
+
+def configure(experiment: Experiment, *, quick: bool, iterations: int | None, methods: Sequence[str] | None,
+              eval_tasks: int | None, seeds: Sequence[int] | None, backend: str) -> Any:
+    """The experiment's protocol (full or quick) with the caller's changes, every one checked."""
+    protocol = experiment.protocol_type.quick() if quick else experiment.protocol_type()
+    changes: dict[str, Any] = {"backend": backend}
+    if iterations is not None:
+        changes["iterations"] = check_positive_int(iterations, "iterations")
+    if eval_tasks is not None:
+        changes["eval_tasks"] = check_positive_int(eval_tasks, "eval_tasks")
+    if methods is not None:
+        if not methods:
+            raise ValueError("methods must be a non-empty subset of the method table")
+        changes["methods"] = tuple(get_method(m).name for m in methods)
+    if seeds is not None:
+        if not seeds:
+            raise ValueError("seeds must list at least one training seed")
+        changes["training_seeds"] = tuple(check_seed(s, "seeds") for s in seeds)
+    protocol = replace(protocol, **changes)
+    for method in protocol.methods:  # every job's settings, checked before any work
+        experiment.setup(protocol, method, protocol.training_seeds[0])
+    return protocol
+
+
+def reproduce(
+    name: str,
+    out: str | Path,
+    *,
+    quick: bool = False,
+    iterations: int | None = None,
+    methods: Sequence[str] | None = None,
+    eval_tasks: int | None = None,
+    seeds: Sequence[int] | None = None,
+    workers: int = 1,
+    backend: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+    figures: bool = True,
+) -> dict[str, Any]:
+    """Train, evaluate and report every (method, training seed) of experiment ``name``; write
+    ``results.json`` and ``results.md`` first, then the PNG figures, and keep one checkpoint per
+    run under ``out/checkpoints/`` (``resume=True`` continues the runs found there).
+
+    Every setting and the output folder are checked before any training starts.
+
+    Returns:
+        The results dict written to ``results.json``; ``results["checks"]`` holds the
+        assertions.
+    """
+    experiment = get_experiment(name)
+    protocol = configure(experiment, quick=quick, iterations=iterations, methods=methods,
+                         eval_tasks=eval_tasks, seeds=seeds, backend=backend)
+    check_positive_int(workers, "workers")
+    out = _files.check_writable_folder(out, "out")
+    figure_note = check_figures_possible() if figures else None
+    experiment.prepare(protocol)
+    # the longest runs first (more inner steps, second order), so the workers finish together
+    order = sorted(protocol.methods, key=lambda m: -_cost(experiment.setup(protocol, m, 0).config))
+    jobs = [Job(f"{m}/seed{s}", train_job, {"experiment": name, "method": m, "seed": s,
+                                            "protocol": asdict(protocol), "out": str(out), "resume": resume})
+            for m in order for s in protocol.training_seeds]
+    start = time.perf_counter()
+    outcomes = run_jobs(jobs, workers=workers, progress=progress,
+                        resume_hint=f"continue with --resume (checkpoints in {out / 'checkpoints'})")
+    runs = {key: outcome.payload for key, outcome in outcomes.items()}
+    results = {"mode": "quick" if quick else "full", **experiment.results(protocol, runs, out)}
+    results["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
+                              "threads_per_worker": 1 if workers > 1 else torch.get_num_threads(),
+                              "workers": workers, "wall_seconds": round(time.perf_counter() - start, 1)}
+    results["checks"] = experiment.checks(results, quick)
+    results["warnings"] = [f"{key.replace('/seed', ' seed ')} diverged: {r['diverged']}"
+                           for key, r in runs.items() if "diverged" in r]
+    results["figures"] = []
+    write_results(out, results, experiment.markdown(results))
+    if figures and figure_note is None:
+        results["figures"] = experiment.figures(results, out)
+        write_results(out, results, experiment.markdown(results))
+    elif figures:
+        results["notes"] = [figure_note]
+    return results
+
+
+def _cost(config: TrainConfig) -> int:
+    return config.steps * (2 if get_method(config.method).second_order else 1)
+
+
+def write_results(out: Path, results: dict[str, Any], markdown: str) -> None:
+    """``results.json`` and ``results.md``, each written atomically."""
+    import json
+
+    _files.write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    _files.write_text(out / "results.md", markdown)
+
+
+def checks_markdown(checks: Sequence[Mapping[str, Any]]) -> str:
+    """The checks as a Markdown task list."""
+    return "\n".join(f"- [{'x' if c['passed'] else ' '}] {c['name']}: {c['detail']}" for c in checks)
