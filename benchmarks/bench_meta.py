@@ -6,10 +6,14 @@ task-mean meta-gradient only (one fixed meta-batch; no sampling, no optimizer st
 
 Implementations (each is a ``grad(support, query) -> dict`` of the meta-gradient):
 
-- ``mamlkit compiled`` / ``mamlkit fused`` / ``mamlkit vmap``: ``meta_batch_grad``'s backends,
-  called through a ``MetaBatchPlan`` (inputs checked once, as ``meta_train`` does);
+- ``mamlkit compiled`` / ``mamlkit fused`` / ``mamlkit vmap``: the public call users make,
+  ``mamlkit.meta_batch_grad(..., backend=...)`` every time (``"compiled"`` resolves to the
+  ``fused-compiled`` backend here);
+- ``mamlkit compiled, plan only``: the runner of that call's cached plan, called directly (what the
+  public call adds on top of it is its per-call lookup; an internal row, labelled as such);
 - ``torch.compile(vmap(grad))``: 20 lines of plain ``torch.func`` (the meta-objective unrolled,
-  ``grad`` of it, ``vmap`` over tasks), compiled with ``torch.compile`` defaults;
+  ``grad`` of it, ``vmap`` over tasks, then the mean), compiled with ``torch.compile`` defaults;
+- ``torch.compile(grad(mean(vmap)))``: the same program with the mean inside the gradient;
 - ``jax.jit(grad(mean(vmap)))``: the same program in JAX on XLA CPU (one thread);
 - ``torch.func vmap`` (eager), ``autograd loop`` (a Python loop over tasks with
   ``autograd.grad(create_graph=True)``), ``higher``, ``torchopt``: the eager ways and libraries.
@@ -55,7 +59,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import mamlkit
-from mamlkit._metabatch import plan_meta_batch
+from mamlkit._metabatch import plan_meta_batch  # the internal "plan only" row, labelled as such
 from mamlkit.tasks import sample_sinusoid_tasks
 
 SIZES = (1, 40, 40, 1)
@@ -63,7 +67,8 @@ TASKS, K, ALPHA, SEED = 25, 10, 0.01, 0
 NAMES = ("w0", "b0", "w1", "b1", "w2", "b2")
 MSE = mamlkit.make_mse_loss(mamlkit.mlp)
 SETTINGS: dict[str, tuple[str, int]] = {"maml k=1": ("maml", 1), "fomaml k=1": ("fomaml", 1), "maml k=5": ("maml", 5)}
-COMPILED, JAX, TORCH_COMPILE = "mamlkit compiled", "jax.jit(grad(mean(vmap)))", "torch.compile(vmap(grad))"
+COMPILED, PLAN, JAX = "mamlkit compiled", "mamlkit compiled, plan only (internal)", "jax.jit(grad(mean(vmap)))"
+TORCH_COMPILE, TORCH_COMPILE_MEAN = "torch.compile(vmap(grad))", "torch.compile(grad(mean(vmap)))"
 EAGER_LIBRARIES = ("higher", "torchopt")
 Batch = tuple[Tensor, Tensor]
 
@@ -83,8 +88,8 @@ def _net(p: dict[str, Tensor] | list[Tensor], x: Tensor) -> Tensor:
     return F.linear(h, w[4], w[5])
 
 
-def _torch_func_program(method: str, steps: int) -> Callable[..., dict[str, Tensor]]:
-    """The straightforward torch.func meta-gradient (what a user writes instead of mamlkit)."""
+def _meta_objective(method: str, steps: int) -> Callable[..., Tensor]:
+    """One task's meta-objective, the inner loop unrolled (what a user writes instead of mamlkit)."""
     inner_grad = grad(lambda p, x, y: _mse(_net(p, x), y))
 
     def meta_objective(p, xs, ys, xq, yq):
@@ -95,12 +100,23 @@ def _torch_func_program(method: str, steps: int) -> Callable[..., dict[str, Tens
             p = {k: p[k] - ALPHA * g[k] for k in p}
         return _mse(_net(p, xq), yq)
 
-    per_task = vmap(grad(meta_objective), in_dims=(None, 0, 0, 0, 0))
+    return meta_objective
+
+
+def _torch_func_program(method: str, steps: int) -> Callable[..., dict[str, Tensor]]:
+    """``vmap(grad(meta_objective))`` over tasks, then the mean."""
+    per_task = vmap(grad(_meta_objective(method, steps)), in_dims=(None, 0, 0, 0, 0))
 
     def meta_gradient(p, xs, ys, xq, yq):
         return {k: v.mean(0) for k, v in per_task(p, xs, ys, xq, yq).items()}
 
     return meta_gradient
+
+
+def _torch_func_mean_program(method: str, steps: int) -> Callable[..., dict[str, Tensor]]:
+    """``grad(mean(vmap(meta_objective)))``: the mean inside the gradient."""
+    batched = vmap(_meta_objective(method, steps), in_dims=(None, 0, 0, 0, 0))
+    return grad(lambda p, *data: batched(p, *data).mean())
 
 
 def _jax_program(method: str, steps: int) -> Callable[..., Any]:
@@ -141,13 +157,23 @@ class Impl:
 
 
 class MamlkitBackend(Impl):
+    """The public call, every time."""
+
     backend = "compiled"
 
     def grad(self, support, query):
-        if not hasattr(self, "plan"):
-            self.plan = plan_meta_batch(self.method, MSE, self.params, support, query, lr=ALPHA,
-                                        steps=self.steps, backend=self.backend)
-        return self.plan(self.params, support, query)[0]
+        return mamlkit.meta_batch_grad(self.method, MSE, self.params, support, query, lr=ALPHA,
+                                       steps=self.steps, backend=self.backend)[0]
+
+
+class MamlkitPlan(Impl):
+    """The runner of the public call's cached plan, called directly (internal)."""
+
+    def grad(self, support, query):
+        if not hasattr(self, "run"):
+            self.run = plan_meta_batch(self.method, MSE, self.params, support, query, lr=ALPHA,
+                                       steps=self.steps, backend="compiled").run
+        return self.run(self.params, support, query)[0]
 
 
 class MamlkitFused(MamlkitBackend):
@@ -159,10 +185,16 @@ class MamlkitVmap(MamlkitBackend):
 
 
 class TorchCompile(Impl):
+    program = staticmethod(_torch_func_program)
+
     def grad(self, support, query):
         if not hasattr(self, "fn"):
-            self.fn = torch.compile(_torch_func_program(self.method, self.steps))
+            self.fn = torch.compile(self.program(self.method, self.steps))
         return self.fn(self.params, *support, *query)
+
+
+class TorchCompileMean(TorchCompile):
+    program = staticmethod(_torch_func_mean_program)
 
 
 class TorchFuncEager(Impl):
@@ -269,9 +301,11 @@ def _as_torch(value: Any) -> Tensor:
 
 IMPLS: dict[str, type[Impl]] = {
     COMPILED: MamlkitBackend,
+    PLAN: MamlkitPlan,
     "mamlkit fused": MamlkitFused,
     "mamlkit vmap": MamlkitVmap,
     TORCH_COMPILE: TorchCompile,
+    TORCH_COMPILE_MEAN: TorchCompileMean,
     JAX: Jax,
     "torch.func vmap (eager)": TorchFuncEager,
     "autograd loop": AutogradLoop,
@@ -458,7 +492,8 @@ def summarize(times: dict, cases: list[tuple[str, str]], flop_counts: dict[str, 
         if (COMPILED, setting) not in times:
             continue
         ours = times[(COMPILED, setting)]
-        for rival in (TORCH_COMPILE, JAX, "mamlkit fused", "torch.func vmap (eager)", "autograd loop"):
+        for rival in (TORCH_COMPILE, TORCH_COMPILE_MEAN, JAX, PLAN, "mamlkit fused", "torch.func vmap (eager)",
+                      "autograd loop"):
             if (rival, setting) in times:
                 out["ratios"][f"{rival} / mamlkit compiled, {setting}"] = per_round_ratio(times[(rival, setting)], ours)
         eager = [times[(lib, setting)] for lib in EAGER_LIBRARIES if (lib, setting) in times]
@@ -476,8 +511,10 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"target": name, "value": q and q["median"], "met": q and q["median"] >= bound})
 
     for setting in ("maml k=1", "maml k=5"):
-        add(f"{setting}: ≥ 1.5× faster than torch.compile(vmap(grad))", f"{TORCH_COMPILE} / mamlkit compiled, {setting}", 1.5)
-        add(f"{setting}: ≥ 1.5× faster than jax.jit", f"{JAX} / mamlkit compiled, {setting}", 1.5)
+        for rival in (TORCH_COMPILE, TORCH_COMPILE_MEAN, JAX):
+            add(f"{setting}: the public call ≥ 1.5× faster than {rival}", f"{rival} / mamlkit compiled, {setting}", 1.5)
+        add(f"{setting}: the public call within 10 % of its plan (plan / public ≥ 0.91)",
+            f"{PLAN} / mamlkit compiled, {setting}", 1 / 1.1)
     add("maml k=1: ≥ 40× faster than the fastest eager library", "fastest eager library / mamlkit compiled, maml k=1", 40)
     return rows
 
@@ -596,7 +633,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = summarize(times, cases, flop_counts)
     compile_report = {}
     if not args.quick:
-        for impl in (COMPILED, TORCH_COMPILE, JAX):
+        for impl in (COMPILED, TORCH_COMPILE, TORCH_COMPILE_MEAN, JAX):
             if impl not in skipped:
                 for setting in ("maml k=1", "maml k=5"):
                     compile_report[f"{impl} | {setting}"] = compile_times(impl, setting)

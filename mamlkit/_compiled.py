@@ -217,14 +217,19 @@ def fused_step_runner(method: str, spec: _fused.MLPSpec, lr: float, steps: int,
 # ------------------------------------------------------------------------------- vmap-compiled
 
 
-def describe_loss(loss_fn: object) -> str:
-    """A stable description of a loss for cache keys and messages (its module's structure when
-    it wraps one, else its qualified name)."""
+def describe_loss(loss_fn: object, short: bool = False) -> str:
+    """A description of a loss: for cache keys, its module's whole structure when it wraps one
+    (else its qualified name); ``short``, one line for messages."""
     model = getattr(loss_fn, "model_fn", None)
     module = getattr(model, "module", None)
     if isinstance(module, torch.nn.Module):
+        if short:
+            count = sum(p.numel() for p in module.parameters())
+            return f"{type(loss_fn).__name__} of a {type(module).__name__} ({count:,} parameters)"
         return f"{type(loss_fn).__name__}({module})"
     name = getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
+    if short:
+        return name
     return f"{getattr(loss_fn, '__module__', '')}.{name}({getattr(model, '__qualname__', '')})"
 
 
@@ -250,8 +255,9 @@ def compile_runner(run: Callable[..., Any], problem: Any) -> Callable[..., Any]:
             except Exception:  # unreadable artifacts only cost a full compile
                 path.unlink(missing_ok=True)
                 warm = False
-        announce(f"compiling the {problem.method.name} meta-gradient of {describe_loss(problem.loss_fn)[:60]} "
-                 f"with torch.compile ({'seconds: torch artifacts cached' if warm else 'tens of seconds to minutes the first time'})")
+        wait = "seconds: cached artifacts found" if warm else "tens of seconds to minutes, once"
+        announce(f"compiling the {problem.method.name} meta-gradient of "
+                 f"{describe_loss(problem.loss_fn, short=True)} with torch.compile ({wait})")
         out = compiled(*args)
         saved = torch.compiler.save_cache_artifacts()
         if saved is not None and not warm:

@@ -8,7 +8,12 @@ import json
 import pytest
 import torch
 
-from mamlkit._experiments.glyphs import EXPERIMENT, GlyphProtocol, nearest_neighbour, reproduce_glyphs
+from mamlkit._experiments.glyphs import (
+    EXPERIMENT,
+    GlyphProtocol,
+    nearest_neighbour,
+    reproduce_glyphs,
+)
 from mamlkit._glyphs import DUPLICATE, SPLITS
 from mamlkit.tasks import GlyphFamily, conv_net, glyph_bank
 
