@@ -74,9 +74,10 @@ book: install
 book-check: book
 	$(BIN)/python book/check_book.py book/_build/html
 
-## lint: ruff on the package, tests, benchmarks and the book check
+## lint: ruff (rules and formatting, 100 columns) on the package, tests, benchmarks and the book check
 lint: install
 	$(BIN)/ruff check mamlkit tests benchmarks book
+	$(BIN)/ruff format --check mamlkit tests benchmarks book
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info book/_build

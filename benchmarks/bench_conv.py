@@ -82,8 +82,9 @@ class Mamlkit(Impl):
         self.loss = mk.make_cross_entropy_loss(model_fn)
 
     def grad(self):
-        return mk.meta_batch_grad("maml", self.loss, self.params, self.support, self.query, lr=ALPHA,
-                                  backend=self.backend)[0]
+        return mk.meta_batch_grad(
+            "maml", self.loss, self.params, self.support, self.query, lr=ALPHA, backend=self.backend
+        )[0]
 
 
 class MamlkitCompiled(Mamlkit):
@@ -97,7 +98,10 @@ def _user_net(p: dict[str, Tensor], x: Tensor) -> Tensor:
         h = F.conv2d(h, p[f"{3 * i}.weight"], p[f"{3 * i}.bias"], stride=2, padding=1)
         mean = h.mean((0, 2, 3), keepdim=True)
         var = ((h - mean) ** 2).mean((0, 2, 3), keepdim=True)
-        scale, shift = p[f"{3 * i + 1}.weight"].view(1, -1, 1, 1), p[f"{3 * i + 1}.bias"].view(1, -1, 1, 1)
+        scale, shift = (
+            p[f"{3 * i + 1}.weight"].view(1, -1, 1, 1),
+            p[f"{3 * i + 1}.bias"].view(1, -1, 1, 1),
+        )
         h = F.relu((h - mean) * torch.rsqrt(var + 1e-5) * scale + shift)
     return F.linear(h.flatten(1), p["13.weight"], p["13.bias"])
 
@@ -141,10 +145,15 @@ class AutogradLoop(Impl):
         (xs, ys), (xq, yq) = self.support, self.query
         total = None
         for t in range(xs.shape[0]):
-            inner = torch.autograd.grad(xent(torch.func.functional_call(self.net, params, (xs[t],)), ys[t]),
-                                        list(params.values()), create_graph=True)
+            inner = torch.autograd.grad(
+                xent(torch.func.functional_call(self.net, params, (xs[t],)), ys[t]),
+                list(params.values()),
+                create_graph=True,
+            )
             adapted = {n: p - ALPHA * g for (n, p), g in zip(params.items(), inner)}
-            loss = xent(torch.func.functional_call(self.net, adapted, (xq[t],)), yq[t]) / xs.shape[0]
+            loss = (
+                xent(torch.func.functional_call(self.net, adapted, (xq[t],)), yq[t]) / xs.shape[0]
+            )
             total = loss if total is None else total + loss
         return dict(zip(params, torch.autograd.grad(total, list(params.values()))))
 
@@ -160,7 +169,10 @@ class Higher(Impl):
             p.grad = None
         (xs, ys), (xq, yq) = self.support, self.query
         for t in range(xs.shape[0]):
-            with higher.innerloop_ctx(self.net, inner, copy_initial_weights=False) as (fnet, diffopt):
+            with higher.innerloop_ctx(self.net, inner, copy_initial_weights=False) as (
+                fnet,
+                diffopt,
+            ):
                 diffopt.step(xent(fnet(xs[t]), ys[t]))
                 (xent(fnet(xq[t]), yq[t]) / xs.shape[0]).backward()
         return {n: p.grad for n, p in self.net.named_parameters()}
@@ -177,7 +189,10 @@ class TorchOpt(Impl):
             p.grad = None
         (xs, ys), (xq, yq) = self.support, self.query
         for t in range(xs.shape[0]):
-            net_state, opt_state = torchopt.extract_state_dict(self.net), torchopt.extract_state_dict(inner)
+            net_state, opt_state = (
+                torchopt.extract_state_dict(self.net),
+                torchopt.extract_state_dict(inner),
+            )
             inner.step(xent(self.net(xs[t]), ys[t]))
             (xent(self.net(xq[t]), yq[t]) / xs.shape[0]).backward()
             torchopt.recover_state_dict(self.net, net_state)
@@ -212,8 +227,12 @@ def reference(net: nn.Module, support, query) -> dict[str, Tensor]:
     """mamlkit's exact per-task engine, averaged over tasks (float64)."""
     params, model_fn = mk.from_module(net)
     loss = mk.make_cross_entropy_loss(model_fn)
-    per_task = [mk.maml_grad(loss, params, (support[0][t], support[1][t]), (query[0][t], query[1][t]), lr=ALPHA)
-                for t in range(TASKS)]
+    per_task = [
+        mk.maml_grad(
+            loss, params, (support[0][t], support[1][t]), (query[0][t], query[1][t]), lr=ALPHA
+        )
+        for t in range(TASKS)
+    ]
     return {n: torch.stack([g[n] for g in per_task]).mean(0) for n in params}
 
 
@@ -266,31 +285,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     others = [n for n in LIBRARIES if n in median]
     fastest_other = min(others, key=median.get)
     ratio = lambda a, b: statistics.median(x / y for x, y in zip(samples[a], samples[b]))  # noqa: E731
-    user_compiled, user_eager = "torch.compile(vmap(grad)), the user's own", "vmap(grad) eager, the user's own"
+    user_compiled, user_eager = (
+        "torch.compile(vmap(grad)), the user's own",
+        "vmap(grad) eager, the user's own",
+    )
     bounds = {
-        f"mamlkit compiled vs {user_compiled}, target ≥ 1.2×": (ratio(user_compiled, "mamlkit compiled"), 1.2),
+        f"mamlkit compiled vs {user_compiled}, target ≥ 1.2×": (
+            ratio(user_compiled, "mamlkit compiled"),
+            1.2,
+        ),
         f"mamlkit vmap vs {user_eager}, target ≥ 1.0×": (ratio(user_eager, "mamlkit vmap"), 1.0),
-        f"mamlkit compiled vs the fastest library ({fastest_other}), target ≥ 3×":
-            (ratio(fastest_other, "mamlkit compiled"), 3.0),
+        f"mamlkit compiled vs the fastest library ({fastest_other}), target ≥ 3×": (
+            ratio(fastest_other, "mamlkit compiled"),
+            3.0,
+        ),
     }
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "setting": dict(ways=WAYS, shots=SHOTS, queries=QUERIES, tasks=TASKS, alpha=ALPHA, channels=CHANNELS),
-        "quick": args.quick, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "float64_error": errors, "first_call_seconds": first_call, "median_ms": median, "samples_ms": samples,
+        "setting": dict(
+            ways=WAYS, shots=SHOTS, queries=QUERIES, tasks=TASKS, alpha=ALPHA, channels=CHANNELS
+        ),
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "float64_error": errors,
+        "first_call_seconds": first_call,
+        "median_ms": median,
+        "samples_ms": samples,
         "targets": {k: {"ratio": v, "bound": b, "met": v >= b} for k, (v, b) in bounds.items()},
     }
     lines = [
-        "# The MAML meta-gradient on the paper's conv net (5-way 1-shot, 32 tasks, BatchNorm)", "",
-        f"Date: {report['date']}. {'A --quick smoke run. ' if args.quick else ''}torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread; {CHANNELS}-channel conv net, one inner step of α = {ALPHA}, one query "
-        "image per class, float32; the meta-gradient only. Medians over interleaved shuffled rounds; ratios "
-        "within rounds. Every float64 meta-gradient was checked against mamlkit's exact per-task engine first.",
-        "", "| implementation | ms per meta-gradient | float64 error | first call (s) |", "|---|---|---|---|",
+        "# The MAML meta-gradient on the paper's conv net (5-way 1-shot, 32 tasks, BatchNorm)",
+        "",
+        f"Date: {report['date']}. {'A --quick smoke run. ' if args.quick else ''}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread; "
+        f"{CHANNELS}-channel conv net, "
+        f"one inner step of α = {ALPHA}, one query image per class, float32; the meta-gradient "
+        "only. Medians over interleaved shuffled rounds; ratios within rounds. Every float64 "
+        "meta-gradient was checked against mamlkit's exact per-task engine first.",
+        "",
+        "| implementation | ms per meta-gradient | float64 error | first call (s) |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {n} | {median[n]:.1f} | {errors[n]:.1e} | {first_call[n]:.1f} |" for n in sorted(median, key=median.get)]
+    lines += [
+        f"| {n} | {median[n]:.1f} | {errors[n]:.1e} | {first_call[n]:.1f} |"
+        for n in sorted(median, key=median.get)
+    ]
     lines += ["", "| target | ratio | met |", "|---|---|---|"]
-    lines += [f"| {k} | {v['ratio']:.2f}× | {'yes' if v['met'] else 'no'} |" for k, v in report["targets"].items()]
+    lines += [
+        f"| {k} | {v['ratio']:.2f}× | {'yes' if v['met'] else 'no'} |"
+        for k, v in report["targets"].items()
+    ]
     OUT.mkdir(exist_ok=True)
     (OUT / "conv.md").write_text("\n".join(lines) + "\n")
     (OUT / "conv.json").write_text(json.dumps(report, indent=1))

@@ -1,4 +1,4 @@
-"""The MAML sinusoid meta-gradient: mamlkit's backends beside the fastest alternatives, in one process.
+"""The MAML sinusoid meta-gradient: mamlkit beside the fastest alternatives, in one process.
 
 Setting (Finn et al. 2017, §5.1): a 1→40→40→1 ReLU MLP, 25 tasks per meta-batch, K = 10 support
 and 10 query points, α = 0.01, mean-squared error, float32, one torch thread. Timed: the
@@ -48,7 +48,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
 
 import numpy as np
 import torch
@@ -66,8 +68,16 @@ SIZES = (1, 40, 40, 1)
 TASKS, K, ALPHA, SEED = 25, 10, 0.01, 0
 NAMES = ("w0", "b0", "w1", "b1", "w2", "b2")
 MSE = mamlkit.make_mse_loss(mamlkit.mlp)
-SETTINGS: dict[str, tuple[str, int]] = {"maml k=1": ("maml", 1), "fomaml k=1": ("fomaml", 1), "maml k=5": ("maml", 5)}
-COMPILED, PLAN, JAX = "mamlkit compiled", "mamlkit compiled, plan only (internal)", "jax.jit(grad(mean(vmap)))"
+SETTINGS: dict[str, tuple[str, int]] = {
+    "maml k=1": ("maml", 1),
+    "fomaml k=1": ("fomaml", 1),
+    "maml k=5": ("maml", 5),
+}
+COMPILED, PLAN, JAX = (
+    "mamlkit compiled",
+    "mamlkit compiled, plan only (internal)",
+    "jax.jit(grad(mean(vmap)))",
+)
 TORCH_COMPILE, TORCH_COMPILE_MEAN = "torch.compile(vmap(grad))", "torch.compile(grad(mean(vmap)))"
 EAGER_LIBRARIES = ("higher", "torchopt")
 Batch = tuple[Tensor, Tensor]
@@ -89,7 +99,7 @@ def _net(p: dict[str, Tensor] | list[Tensor], x: Tensor) -> Tensor:
 
 
 def _meta_objective(method: str, steps: int) -> Callable[..., Tensor]:
-    """One task's meta-objective, the inner loop unrolled (what a user writes instead of mamlkit)."""
+    """One task's meta-objective, the inner loop unrolled (what a user writes instead)."""
     inner_grad = grad(lambda p, x, y: _mse(_net(p, x), y))
 
     def meta_objective(p, xs, ys, xq, yq):
@@ -162,8 +172,16 @@ class MamlkitBackend(Impl):
     backend = "compiled"
 
     def grad(self, support, query):
-        return mamlkit.meta_batch_grad(self.method, MSE, self.params, support, query, lr=ALPHA,
-                                       steps=self.steps, backend=self.backend)[0]
+        return mamlkit.meta_batch_grad(
+            self.method,
+            MSE,
+            self.params,
+            support,
+            query,
+            lr=ALPHA,
+            steps=self.steps,
+            backend=self.backend,
+        )[0]
 
 
 class MamlkitPlan(Impl):
@@ -171,8 +189,16 @@ class MamlkitPlan(Impl):
 
     def grad(self, support, query):
         if not hasattr(self, "run"):
-            self.run = plan_meta_batch(self.method, MSE, self.params, support, query, lr=ALPHA,
-                                       steps=self.steps, backend="compiled").run
+            self.run = plan_meta_batch(
+                self.method,
+                MSE,
+                self.params,
+                support,
+                query,
+                lr=ALPHA,
+                steps=self.steps,
+                backend="compiled",
+            ).run
         return self.run(self.params, support, query)[0]
 
 
@@ -213,7 +239,9 @@ class Jax(Impl):
         key = id(support)
         if key not in self.data:  # device arrays made once per meta-batch, as a JAX user would
             self.data = {key: [jax.numpy.asarray(t.numpy()) for t in (*support, *query)]}
-        return jax.block_until_ready(self.fn(self.p, *self.data[key]))  # JAX arrays: no conversion timed
+        return jax.block_until_ready(
+            self.fn(self.p, *self.data[key])
+        )  # JAX arrays: no conversion timed
 
 
 class AutogradLoop(Impl):
@@ -224,7 +252,9 @@ class AutogradLoop(Impl):
         for t in range(n):
             fast = leaves
             for _ in range(self.steps):
-                g = torch.autograd.grad(_mse(_net(fast, xs[t]), ys[t]), fast, create_graph=self.method == "maml")
+                g = torch.autograd.grad(
+                    _mse(_net(fast, xs[t]), ys[t]), fast, create_graph=self.method == "maml"
+                )
                 fast = [w - ALPHA * gw for w, gw in zip(fast, g)]
             (_mse(_net(fast, xq[t]), yq[t]) / n).backward()
         return {k: leaf.grad for k, leaf in zip(NAMES, leaves)}
@@ -250,15 +280,18 @@ class Higher(Impl):
         (xs, ys), (xq, yq) = support, query
         n = xs.shape[0]
         for t in range(n):
-            with higher.innerloop_ctx(net, inner, copy_initial_weights=False,
-                                      track_higher_grads=self.method == "maml") as (fnet, diffopt):
+            with higher.innerloop_ctx(
+                net, inner, copy_initial_weights=False, track_higher_grads=self.method == "maml"
+            ) as (fnet, diffopt):
                 for _ in range(self.steps):
                     diffopt.step(_mse(fnet(xs[t]), ys[t]))
                 loss = _mse(fnet(xq[t]), yq[t]) / n
                 if self.method == "maml":
                     loss.backward()
                 else:
-                    for p, g in zip(net.parameters(), torch.autograd.grad(loss, list(fnet.parameters()))):
+                    for p, g in zip(
+                        net.parameters(), torch.autograd.grad(loss, list(fnet.parameters()))
+                    ):
                         p.grad = g if p.grad is None else p.grad + g
         return {k: p.grad for k, p in zip(NAMES, net.parameters())}
 
@@ -280,12 +313,20 @@ class TorchOpt(Impl):
                 fast = tuple(leaves)
                 state = sgd.init(fast)
                 for _ in range(self.steps):
-                    g = torch.autograd.grad(_mse(torch.func.functional_call(net, dict(zip(names, fast)), xs[t]), ys[t]), fast)
+                    g = torch.autograd.grad(
+                        _mse(torch.func.functional_call(net, dict(zip(names, fast)), xs[t]), ys[t]),
+                        fast,
+                    )
                     updates, state = sgd.update(g, state, inplace=False)
                     fast = torchopt.apply_updates(fast, updates, inplace=False)
-                (_mse(torch.func.functional_call(net, dict(zip(names, fast)), xq[t]), yq[t]) / n).backward()
+                (
+                    _mse(torch.func.functional_call(net, dict(zip(names, fast)), xq[t]), yq[t]) / n
+                ).backward()
                 continue
-            net_state, opt_state = torchopt.extract_state_dict(net), torchopt.extract_state_dict(inner)
+            net_state, opt_state = (
+                torchopt.extract_state_dict(net),
+                torchopt.extract_state_dict(inner),
+            )
             for _ in range(self.steps):
                 inner.step(_mse(net(xs[t]), ys[t]))
             (_mse(net(xq[t]), yq[t]) / n).backward()
@@ -330,17 +371,32 @@ def available(name: str) -> str | None:
 
 
 def problem(dtype: torch.dtype) -> tuple[dict[str, Tensor], Batch, Batch]:
-    tasks = sample_sinusoid_tasks(TASKS, k_support=K, generator=torch.Generator().manual_seed(SEED), dtype=dtype)
+    tasks = sample_sinusoid_tasks(
+        TASKS, k_support=K, generator=torch.Generator().manual_seed(SEED), dtype=dtype
+    )
     params = mamlkit.init_mlp(SIZES, seed=SEED, dtype=dtype)
-    return params, tuple(t.contiguous() for t in tasks.support), tuple(t.contiguous() for t in tasks.query)
+    return (
+        params,
+        tuple(t.contiguous() for t in tasks.support),
+        tuple(t.contiguous() for t in tasks.query),
+    )
 
 
 def reference(setting: str, params, support, query) -> dict[str, Tensor]:
     """mamlkit's exact per-task engines, task-averaged (never a meta-batch backend)."""
     method, steps = SETTINGS[setting]
     engine = mamlkit.maml_grad if method == "maml" else mamlkit.fomaml_grad
-    grads = [engine(MSE, params, (support[0][t], support[1][t]), (query[0][t], query[1][t]), lr=ALPHA, steps=steps)
-             for t in range(support[0].shape[0])]
+    grads = [
+        engine(
+            MSE,
+            params,
+            (support[0][t], support[1][t]),
+            (query[0][t], query[1][t]),
+            lr=ALPHA,
+            steps=steps,
+        )
+        for t in range(support[0].shape[0])
+    ]
     return {k: torch.stack([g[k] for g in grads]).mean(0) for k in params}
 
 
@@ -354,12 +410,16 @@ def check_gradients(cases: list[tuple[str, str]]) -> dict[str, float]:
     errors = {}
     refs = {s: reference(s, params, support, query) for s in {s for _, s in cases}}
     for impl, setting in cases:
-        got = {k: _as_torch(v) for k, v in IMPLS[impl](params, setting).grad(support, query).items()}
+        got = {
+            k: _as_torch(v) for k, v in IMPLS[impl](params, setting).grad(support, query).items()
+        }
         ref = refs[setting]
         scale = max(float(v.abs().max()) for v in ref.values())
         error = max(float((got[k].to(torch.float64) - ref[k]).abs().max()) for k in ref) / scale
         errors[f"{impl} | {setting}"] = error
-        assert error < 1e-9, f"{impl} {setting}: relative error {error:.2e} against mamlkit's exact engines"
+        assert error < 1e-9, (
+            f"{impl} {setting}: relative error {error:.2e} against mamlkit's exact engines"
+        )
     return errors
 
 
@@ -371,7 +431,9 @@ def _quantiles(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "q25": q[0], "q75": q[2], "min": min(values)}
 
 
-def time_cases(cases: list[tuple[str, str]], rounds: int, warmup: int, block_s: float) -> dict[tuple[str, str], list[float]]:
+def time_cases(
+    cases: list[tuple[str, str]], rounds: int, warmup: int, block_s: float
+) -> dict[tuple[str, str], list[float]]:
     """ms per meta-gradient of every case in every round (rounds interleave all cases)."""
     params, support, query = problem(torch.float32)
     objects = {c: IMPLS[c[0]](params, c[1]) for c in cases}
@@ -430,13 +492,22 @@ def compile_times(which: str, setting: str) -> dict[str, float]:
     """First call in a fresh process with empty caches (cold), then again with the caches the
     first one left (warm)."""
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "MAMLKIT_CACHE_DIR": cache + "/mamlkit", "TORCHINDUCTOR_CACHE_DIR": cache + "/inductor",
-               "OMP_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "MAMLKIT_CACHE_DIR": cache + "/mamlkit",
+            "TORCHINDUCTOR_CACHE_DIR": cache + "/inductor",
+            "OMP_NUM_THREADS": "1",
+        }
         code = _COMPILE_PROBE.format(bench=str(Path(__file__).parent))
         out = {}
         for label in ("cold", "warm"):
-            run = subprocess.run([sys.executable, "-c", code, which, setting], capture_output=True, text=True,
-                                 env=env, timeout=900)
+            run = subprocess.run(
+                [sys.executable, "-c", code, which, setting],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=900,
+            )
             if run.returncode != 0:
                 raise RuntimeError(f"{which}: {run.stderr.strip().splitlines()[-1]}")
             out[label] = json.loads(run.stdout.strip().splitlines()[-1])["seconds"]
@@ -452,7 +523,9 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
     fn()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.cpu_parent is None), key=lambda e: e.time_range.end)
+    events = sorted(
+        (e for e in prof.events() if e.cpu_parent is None), key=lambda e: e.time_range.end
+    )
     current = peak = 0
     for e in events:
         current += e.cpu_memory_usage
@@ -464,11 +537,16 @@ def memory_sweep(ks: list[int]) -> dict[str, dict[int, int]]:
     params, support, query = problem(torch.float32)
     s, q = (support[0][0], support[1][0]), (query[0][0], query[1][0])
     engines: dict[str, Callable[[int], Any]] = {
-        "maml_grad (autodiff through the loop)": lambda k: mamlkit.maml_grad(MSE, params, s, q, lr=ALPHA, steps=k),
-        "maml_grad_hvp (reverse HVP pass)": lambda k: mamlkit.maml_grad_hvp(MSE, params, s, q, lr=ALPHA, steps=k),
+        "maml_grad (autodiff through the loop)": lambda k: mamlkit.maml_grad(
+            MSE, params, s, q, lr=ALPHA, steps=k
+        ),
+        "maml_grad_hvp (reverse HVP pass)": lambda k: mamlkit.maml_grad_hvp(
+            MSE, params, s, q, lr=ALPHA, steps=k
+        ),
         "fomaml_grad": lambda k: mamlkit.fomaml_grad(MSE, params, s, q, lr=ALPHA, steps=k),
-        "fused kernels, all 25 tasks": lambda k: mamlkit.meta_batch_grad("maml", MSE, params, support, query,
-                                                                         lr=ALPHA, steps=k, backend="fused"),
+        "fused kernels, all 25 tasks": lambda k: mamlkit.meta_batch_grad(
+            "maml", MSE, params, support, query, lr=ALPHA, steps=k, backend="fused"
+        ),
     }
     return {name: {k: peak_bytes(lambda f=f, k=k: f(k)) for k in ks} for name, f in engines.items()}
 
@@ -482,7 +560,9 @@ def slope(points: dict[int, int]) -> float:
 # ------------------------------------------------------------------------------------- report
 
 
-def summarize(times: dict, cases: list[tuple[str, str]], flop_counts: dict[str, int]) -> dict[str, Any]:
+def summarize(
+    times: dict, cases: list[tuple[str, str]], flop_counts: dict[str, int]
+) -> dict[str, Any]:
     out: dict[str, Any] = {"cases": {}, "ratios": {}}
     for impl, setting in cases:
         row = _quantiles(times[(impl, setting)])
@@ -492,14 +572,25 @@ def summarize(times: dict, cases: list[tuple[str, str]], flop_counts: dict[str, 
         if (COMPILED, setting) not in times:
             continue
         ours = times[(COMPILED, setting)]
-        for rival in (TORCH_COMPILE, TORCH_COMPILE_MEAN, JAX, PLAN, "mamlkit fused", "torch.func vmap (eager)",
-                      "autograd loop"):
+        for rival in (
+            TORCH_COMPILE,
+            TORCH_COMPILE_MEAN,
+            JAX,
+            PLAN,
+            "mamlkit fused",
+            "torch.func vmap (eager)",
+            "autograd loop",
+        ):
             if (rival, setting) in times:
-                out["ratios"][f"{rival} / mamlkit compiled, {setting}"] = per_round_ratio(times[(rival, setting)], ours)
+                out["ratios"][f"{rival} / mamlkit compiled, {setting}"] = per_round_ratio(
+                    times[(rival, setting)], ours
+                )
         eager = [times[(lib, setting)] for lib in EAGER_LIBRARIES if (lib, setting) in times]
         if eager:
             fastest = [min(values) for values in zip(*eager)]
-            out["ratios"][f"fastest eager library / mamlkit compiled, {setting}"] = per_round_ratio(fastest, ours)
+            out["ratios"][f"fastest eager library / mamlkit compiled, {setting}"] = per_round_ratio(
+                fastest, ours
+            )
     return out
 
 
@@ -512,11 +603,26 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
     for setting in ("maml k=1", "maml k=5"):
         for rival in (TORCH_COMPILE, TORCH_COMPILE_MEAN, JAX):
-            add(f"{setting}: the public call ≥ 1.5× faster than {rival}", f"{rival} / mamlkit compiled, {setting}", 1.5)
-        add(f"{setting}: the public call within 10 % of its plan (plan / public ≥ 0.91)",
-            f"{PLAN} / mamlkit compiled, {setting}", 1 / 1.1)
-    add("maml k=1: ≥ 40× faster than the fastest eager library", "fastest eager library / mamlkit compiled, maml k=1", 40)
+            add(
+                f"{setting}: the public call ≥ 1.5× faster than {rival}",
+                f"{rival} / mamlkit compiled, {setting}",
+                1.5,
+            )
+        add(
+            f"{setting}: the public call within 10 % of its plan (plan / public ≥ 0.91)",
+            f"{PLAN} / mamlkit compiled, {setting}",
+            1 / 1.1,
+        )
+    add(
+        "maml k=1: ≥ 40× faster than the fastest eager library",
+        "fastest eager library / mamlkit compiled, maml k=1",
+        40,
+    )
     return rows
+
+
+def _met(met: bool | None) -> str:
+    return "n/a" if met is None else ("yes" if met else "**no**")
 
 
 def _fmt(q: dict[str, float], digits: int = 2) -> str:
@@ -529,13 +635,20 @@ def write_report(result: dict[str, Any], out: Path) -> None:
     env, summary = result["environment"], result["summary"]
     lines = ["# The MAML sinusoid meta-gradient: mamlkit beside the fastest alternatives", ""]
     if result["preliminary"]:
-        lines += [f"> **PRELIMINARY**: {result['preliminary']}. Re-run on a quiet machine for numbers to quote.", ""]
+        lines += [
+            f"> **PRELIMINARY**: {result['preliminary']}. "
+            "Re-run on a quiet machine for numbers to quote.",
+            "",
+        ]
     lines += [
-        f"Date: {result['date']}. Command: `{result['command']}`. {env['cpus']} CPUs, torch threads "
+        f"Date: {result['date']}. Command: `{result['command']}`. {env['cpus']} CPUs, "
+        "torch threads "
         f"{env['torch_threads']}, OMP_NUM_THREADS={env['omp']}, OMP_WAIT_POLICY={env['wait']}; "
-        + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + f"; {env['platform']}.",
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+        + f"; {env['platform']}.",
         "",
-        f"One task-mean meta-gradient: 25 tasks, K = 10 + 10, α = 0.01, float32. {result['rounds']} "
+        "One task-mean meta-gradient: 25 tasks, K = 10 + 10, α = 0.01, float32. "
+        f"{result['rounds']} "
         "interleaved shuffled rounds after warm-up; median [interquartile range] over rounds; "
         "ratios are taken within each round, then the median over rounds.",
         "",
@@ -544,9 +657,17 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         "| implementation | setting | error |",
         "| --- | --- | --- |",
     ]
-    lines += [f"| {k.split(' | ')[0]} | {k.split(' | ')[1]} | {e:.1e} |" for k, e in result["gradient_errors"].items()]
-    lines += ["", "## Time per meta-gradient", "",
-              "| implementation | " + " | ".join(SETTINGS) + " |", "| --- |" + " --- |" * len(SETTINGS)]
+    lines += [
+        f"| {k.split(' | ')[0]} | {k.split(' | ')[1]} | {e:.1e} |"
+        for k, e in result["gradient_errors"].items()
+    ]
+    lines += [
+        "",
+        "## Time per meta-gradient",
+        "",
+        "| implementation | " + " | ".join(SETTINGS) + " |",
+        "| --- |" + " --- |" * len(SETTINGS),
+    ]
     impls = list(dict.fromkeys(k.split(" | ")[0] for k in summary["cases"]))
     for impl in impls:
         cells = []
@@ -554,19 +675,41 @@ def write_report(result: dict[str, Any], out: Path) -> None:
             row = summary["cases"].get(f"{impl} | {setting}")
             cells.append(f"{row['median']:.3f} ms ({row['gflops']:.1f} GFLOP/s)" if row else "—")
         lines.append(f"| {impl} | " + " | ".join(cells) + " |")
-    lines += ["", "FLOPs of one meta-gradient (matrix products of the torch.func program, "
-              "`torch.utils.flop_counter`): " + ", ".join(f"{s}: {f / 1e6:.1f} MFLOP" for s, f in result["flops"].items())
-              + ". GFLOP/s = those FLOPs / the median time (so a program that does fewer FLOPs can exceed its true rate).",
-              "", "## Ratios (per round: theirs / mamlkit compiled; median [IQR])", "", "| ratio | value |", "| --- | --- |"]
+    lines += [
+        "",
+        "FLOPs of one meta-gradient (matrix products of the torch.func program, "
+        "`torch.utils.flop_counter`): "
+        + ", ".join(f"{s}: {f / 1e6:.1f} MFLOP" for s, f in result["flops"].items())
+        + ". GFLOP/s = those FLOPs / the median time (so a program that does fewer FLOPs can "
+        "exceed its true rate).",
+        "",
+        "## Ratios (per round: theirs / mamlkit compiled; median [IQR])",
+        "",
+        "| ratio | value |",
+        "| --- | --- |",
+    ]
     lines += [f"| {k} | {_fmt(q)} |" for k, q in summary["ratios"].items()]
-    lines += ["", "## The targets in this run", "", "| target | value | met |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        "## The targets in this run",
+        "",
+        "| target | value | met |",
+        "| --- | --- | --- |",
+    ]
     for row in result["targets"]:
         value = "n/a" if row["value"] is None else f"{row['value']:.2f}×"
-        lines.append(f"| {row['target']} | {value} | {'n/a' if row['met'] is None else ('yes' if row['met'] else '**no**')} |")
+        lines.append(f"| {row['target']} | {value} | {_met(row['met'])} |")
     if result["compile_times"]:
-        lines += ["", "## Compile time of the first call (s)", "",
-                  "Cold: a new process with empty caches; warm: a new process with the caches the cold one left.", "",
-                  "| implementation | setting | cold | warm |", "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Compile time of the first call (s)",
+            "",
+            "Cold: a new process with empty caches; warm: a new process with the caches the cold "
+            "one left.",
+            "",
+            "| implementation | setting | cold | warm |",
+            "| --- | --- | --- | --- |",
+        ]
         for key, t in result["compile_times"].items():
             impl, setting = key.split(" | ")
             lines.append(f"| {impl} | {setting} | {t['cold']:.1f} | {t['warm']:.1f} |")
@@ -574,12 +717,20 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         lines += ["", "Not run: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items())]
     mem = result["memory"]
     ks = sorted({int(k) for p in mem.values() for k in p})
-    lines += ["", "## Peak memory of one meta-gradient (KiB) against the inner steps k", "",
-              "| engine | " + " | ".join(f"k={k}" for k in ks) + " | KiB per extra step |",
-              "| --- |" + " --- |" * (len(ks) + 1)]
+    lines += [
+        "",
+        "## Peak memory of one meta-gradient (KiB) against the inner steps k",
+        "",
+        "| engine | " + " | ".join(f"k={k}" for k in ks) + " | KiB per extra step |",
+        "| --- |" + " --- |" * (len(ks) + 1),
+    ]
     for name, points in mem.items():
         p = {int(k): v for k, v in points.items()}
-        lines.append(f"| {name} | " + " | ".join(f"{p[k] / 1024:.0f}" for k in ks) + f" | {slope(p) / 1024:.1f} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{p[k] / 1024:.0f}" for k in ks)
+            + f" | {slope(p) / 1024:.1f} |"
+        )
     lines += ["", "![time per meta-gradient](meta_gradient.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
 
@@ -595,8 +746,11 @@ def plot(result: dict[str, Any], out: Path) -> None:
     for ax, setting in zip(axes, SETTINGS):
         rows = {k.split(" | ")[0]: v for k, v in cases.items() if k.endswith(setting)}
         names = list(rows)
-        ax.barh(range(len(names)), [rows[n]["median"] for n in names],
-                color=["tab:green" if n.startswith("mamlkit") else "tab:gray" for n in names])
+        ax.barh(
+            range(len(names)),
+            [rows[n]["median"] for n in names],
+            color=["tab:green" if n.startswith("mamlkit") else "tab:gray" for n in names],
+        )
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.invert_yaxis()
         ax.set_xscale("log")
@@ -613,8 +767,12 @@ def busy(load: float) -> str | None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: few rounds, no compile-time probes")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5 quick, 25 full)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: few rounds, no compile-time probes"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="timed rounds (default 5 quick, 25 full)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -649,14 +807,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             versions[name] = "not installed"
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python benchmarks/bench_meta.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/bench_meta.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "preliminary": "a --quick smoke run" if args.quick else busy(max(load_start, load_end)),
         "rounds": rounds,
-        "environment": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "omp": os.environ.get("OMP_NUM_THREADS", "(unset)"),
-                        "wait": os.environ.get("OMP_WAIT_POLICY", "(unset)"), "versions": versions,
-                        "platform": platform.platform(), "python": platform.python_version(),
-                        "load_average": [load_start, load_end]},
+        "environment": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "omp": os.environ.get("OMP_NUM_THREADS", "(unset)"),
+            "wait": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+            "versions": versions,
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average": [load_start, load_end],
+        },
         "gradient_errors": errors,
         "times_ms": {f"{i} | {s}": v for (i, s), v in times.items()},
         "flops": flop_counts,

@@ -1,4 +1,5 @@
-"""Thread settings for the fast path: 1 vs 2 torch threads, with and without OMP_WAIT_POLICY=PASSIVE.
+"""Thread settings for the fast path: 1 vs 2 torch threads, with and without
+OMP_WAIT_POLICY=PASSIVE.
 
 OpenMP reads its environment once, at start-up, so each setting runs in its own worker process
 (the same code, ``--worker``). All workers start first and wait; then, in shuffled rounds, the
@@ -144,7 +145,8 @@ def write_report(result: dict, out_dir: Path) -> None:
         lines += [
             f"> **PRELIMINARY** — {'a --quick smoke run' if result['quick'] else 'a run'}"
             f"{' on a busy machine' if loaded else ''} (load average {load_start[0]:.1f} → "
-            f"{result['loadavg_end'][0]:.1f} on {result['cpu_count']} CPUs). Re-run on a quiet machine.",
+            f"{result['loadavg_end'][0]:.1f} on {result['cpu_count']} CPUs). "
+            "Re-run on a quiet machine.",
             "",
         ]
     lines += [

@@ -34,9 +34,19 @@ def browser() -> str:
 
 def rendered_dom(exe: str, page: Path, profile: str) -> str:
     """The page's DOM after its scripts ran, with the network switched off."""
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND",
-           "--allow-file-access-from-files", "--virtual-time-budget=20000", "--dump-dom", page.as_uri()]
+    cmd = [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--allow-file-access-from-files",
+        "--virtual-time-budget=20000",
+        "--dump-dom",
+        page.as_uri(),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
 
 
@@ -74,10 +84,15 @@ def check_page(exe: str, page: Path, root: Path, profile: str) -> tuple[list[str
             failures.append(f"{page.name}: image {src} does not show ({error})")
     notebook = Path("notebooks") / f"{page.stem}.ipynb"
     if page.parent.name == "notebooks" and notebook.is_file():
-        stored = sum("image/png" in o.get("data", {}) for c in json.loads(notebook.read_text())["cells"]
-                     for o in c.get("outputs", []))
+        stored = sum(
+            "image/png" in o.get("data", {})
+            for c in json.loads(notebook.read_text())["cells"]
+            for o in c.get("outputs", [])
+        )
         if len(images) < stored:
-            failures.append(f"{page.name}: {len(images)} figures shown, the notebook stores {stored}")
+            failures.append(
+                f"{page.name}: {len(images)} figures shown, the notebook stores {stored}"
+            )
     return failures, formulas, len(images)
 
 
@@ -91,14 +106,22 @@ def main() -> int:
         for page in pages:
             page_failures, formulas, images = check_page(exe, page, root, profile)
             failures += page_failures
-            print(f"{page.relative_to(root)}: {formulas} formulas typeset, {images} figures"
-                  + ("" if not page_failures else f", {len(page_failures)} FAILURES"))
+            print(
+                f"{page.relative_to(root)}: {formulas} formulas typeset, {images} figures"
+                + ("" if not page_failures else f", {len(page_failures)} FAILURES")
+            )
     notebooks = [p for p in pages if p.parent.name == "notebooks"]
     if len(notebooks) != len(list(Path("notebooks").glob("*.ipynb"))):
-        failures.append(f"{len(notebooks)} notebook pages for {len(list(Path('notebooks').glob('*.ipynb')))} notebooks")
+        failures.append(
+            f"{len(notebooks)} notebook pages for "
+            f"{len(list(Path('notebooks').glob('*.ipynb')))} notebooks"
+        )
     for failure in failures:
         print("FAIL", failure)
-    print(f"book-check: {len(pages)} pages, {'all good' if not failures else f'{len(failures)} failures'}")
+    print(
+        f"book-check: {len(pages)} pages, "
+        + ("all good" if not failures else f"{len(failures)} failures")
+    )
     return 1 if failures else 0
 
 

@@ -45,8 +45,8 @@ _SUBMODULES = ("profiling", "symbolic", "tasks", "train")
 
 
 def __getattr__(name: str) -> Any:
-    """``mamlkit.symbolic``, ``mamlkit.tasks``, ``mamlkit.train`` and ``mamlkit.profiling`` load on first use (sympy
-    alone would add a quarter of a second to ``import mamlkit``)."""
+    """``mamlkit.symbolic``, ``mamlkit.tasks``, ``mamlkit.train`` and ``mamlkit.profiling`` load
+    on first use (sympy alone would add a quarter of a second to ``import mamlkit``)."""
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'mamlkit' has no attribute {name!r}")

@@ -59,10 +59,13 @@ class Adam:
         """The state before the first step (see :func:`adam_init`)."""
         return adam_init(params)
 
-    def update(self, params: Params, grads: Mapping[str, Tensor], state: AdamState,
-               lr: float | None = None) -> tuple[Params, AdamState]:
+    def update(
+        self, params: Params, grads: Mapping[str, Tensor], state: AdamState, lr: float | None = None
+    ) -> tuple[Params, AdamState]:
         """One step of size ``lr`` (default :attr:`lr`), unchecked (training's inner loop)."""
-        return _adam_update(params, grads, state, self.lr if lr is None else lr, self.betas, self.eps)
+        return _adam_update(
+            params, grads, state, self.lr if lr is None else lr, self.betas, self.eps
+        )
 
 
 def adam_init(params: Mapping[str, Tensor]) -> AdamState:
@@ -73,8 +76,11 @@ def adam_init(params: Mapping[str, Tensor]) -> AdamState:
         AdamState(step=0, m={'w': tensor([0., 0.])}, v={'w': tensor([0., 0.])})
     """
     params = check_params(params)
-    return AdamState(0, {k: torch.zeros_like(p) for k, p in params.items()},
-                     {k: torch.zeros_like(p) for k, p in params.items()})
+    return AdamState(
+        0,
+        {k: torch.zeros_like(p) for k, p in params.items()},
+        {k: torch.zeros_like(p) for k, p in params.items()},
+    )
 
 
 def adam_update(
@@ -102,8 +108,12 @@ def adam_update(
 
 
 def _adam_update(
-    params: Params, grads: Mapping[str, Tensor], state: AdamState, lr: float,
-    betas: tuple[float, float], eps: float,
+    params: Params,
+    grads: Mapping[str, Tensor],
+    state: AdamState,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
 ) -> tuple[Params, AdamState]:
     """The unchecked core of :func:`adam_update` (what training calls every iteration)."""
     keys = list(params)
@@ -134,6 +144,8 @@ def clip_global_norm(grads: Mapping[str, Tensor], max_norm: float) -> Params:
 
 
 def _clip_global_norm(grads: Params, max_norm: float) -> Params:
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+    norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])
+    )
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # 1e-6 as clip_grad_norm_
     return {k: g * scale.to(g.dtype) for k, g in grads.items()}

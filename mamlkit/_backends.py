@@ -73,8 +73,9 @@ class StepRunner(Protocol):
     """One meta-iteration: ``step(params, state, support, query, lr) → (params, state, losses)``,
     the meta-gradient, the optional global-norm clip and one Adam step of size ``lr``."""
 
-    def __call__(self, params: Params, state: AdamState, support: Batch, query: Batch,
-                 lr: float) -> tuple[Params, AdamState, Tensor]: ...
+    def __call__(
+        self, params: Params, state: AdamState, support: Batch, query: Batch, lr: float
+    ) -> tuple[Params, AdamState, Tensor]: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,8 +128,10 @@ def _vmap_compiled_runner(problem: Problem) -> GradRunner:
 
 def _fused_why_not(problem: Problem) -> str | None:
     if problem.method.name not in _fused.KERNELS:
-        return (f"no fused kernel for method {problem.method.name!r} (use backend='vmap' or "
-                "'compiled', which run every method)")
+        return (
+            f"no fused kernel for method {problem.method.name!r} (use backend='vmap' or "
+            "'compiled', which run every method)"
+        )
     try:
         _fused.fused_spec(problem.loss_fn, problem.params)
     except ValueError as error:
@@ -158,8 +161,16 @@ class _FusedRunner:
         p = self.problem
         layers = self.layers(params)
         with torch.no_grad():
-            grads, losses = _fused.run(p.method.name, self.spec, layers, _fused.problem(support, query),
-                                       p.lr, p.steps, p.hypers, compiled=False)
+            grads, losses = _fused.run(
+                p.method.name,
+                self.spec,
+                layers,
+                _fused.problem(support, query),
+                p.lr,
+                p.steps,
+                p.hypers,
+                compiled=False,
+            )
         return self.result(grads, losses)
 
 
@@ -174,7 +185,9 @@ class _AotRunner(_FusedRunner):
         inputs = [*self.layers(params), *_fused.problem(support, query)]
         if self._run is None:
             p = self.problem
-            self._run = _compiled.fused_runner(p.method.name, self.spec, p.lr, p.steps, p.hypers, inputs)
+            self._run = _compiled.fused_runner(
+                p.method.name, self.spec, p.lr, p.steps, p.hypers, inputs
+            )
         *grads, losses = self._run(inputs)
         return self.result(grads, losses)
 
@@ -187,27 +200,45 @@ class _AotStep(_FusedRunner):
         self.optimizer, self.max_grad_norm = optimizer, max_grad_norm
         self._run: Callable[[list[Tensor]], list[Tensor]] | None = None
 
-    def __call__(self, params: Params, state: AdamState, support: Batch, query: Batch,
-                 lr: float) -> tuple[Params, AdamState, Tensor]:
+    def __call__(
+        self, params: Params, state: AdamState, support: Batch, query: Batch, lr: float
+    ) -> tuple[Params, AdamState, Tensor]:
         beta1, beta2 = self.optimizer.betas
         t = state.step + 1
         like = params[self.names[0]]
-        corrections = torch.tensor([lr / (1 - beta1**t), 1 / (1 - beta2**t)], dtype=like.dtype,
-                                   device=like.device)
+        corrections = torch.tensor(
+            [lr / (1 - beta1**t), 1 / (1 - beta2**t)], dtype=like.dtype, device=like.device
+        )
         names = self.names
-        inputs = [*(params[k] for k in names), *(state.m[k] for k in names),
-                  *(state.v[k] for k in names), corrections, *_fused.problem(support, query)]
+        inputs = [
+            *(params[k] for k in names),
+            *(state.m[k] for k in names),
+            *(state.v[k] for k in names),
+            corrections,
+            *_fused.problem(support, query),
+        ]
         if self._run is None:
             p = self.problem
-            self._run = _compiled.fused_step_runner(p.method.name, self.spec, p.lr, p.steps, p.hypers,
-                                                    self.optimizer.betas, self.optimizer.eps,
-                                                    self.max_grad_norm, inputs)
+            self._run = _compiled.fused_step_runner(
+                p.method.name,
+                self.spec,
+                p.lr,
+                p.steps,
+                p.hypers,
+                self.optimizer.betas,
+                self.optimizer.eps,
+                self.max_grad_norm,
+                inputs,
+            )
         out = self._run(inputs)
         n = len(names)
         new_p, m, v = (dict(zip(names, out[i * n : (i + 1) * n])) for i in range(3))
         order = self.order
-        return ({k: new_p[k] for k in order},
-                AdamState(t, {k: m[k] for k in order}, {k: v[k] for k in order}), out[-1])
+        return (
+            {k: new_p[k] for k in order},
+            AdamState(t, {k: m[k] for k in order}, {k: v[k] for k in order}),
+            out[-1],
+        )
 
 
 def _aot_why_not(problem: Problem) -> str | None:
@@ -227,14 +258,33 @@ def _compile_why_not(problem: Problem) -> str | None:
 BACKENDS: Mapping[str, Backend] = {
     b.name: b
     for b in (
-        Backend("vmap", "torch.func.vmap over the per-task rule (any model, loss and method)",
-                _anything, _vmap_runner),
-        Backend("fused", "hand-written kernels for make_mse_loss(mamlkit.mlp)", _fused_why_not,
-                _FusedRunner),
-        Backend("fused-compiled", "the fused kernels compiled ahead of time, cached on disk",
-                _aot_why_not, _AotRunner, _AotStep, compiles=True),
-        Backend("vmap-compiled", "torch.compile of the vmap backend (any model)", _compile_why_not,
-                _vmap_compiled_runner, compiles=True),
+        Backend(
+            "vmap",
+            "torch.func.vmap over the per-task rule (any model, loss and method)",
+            _anything,
+            _vmap_runner,
+        ),
+        Backend(
+            "fused",
+            "hand-written kernels for make_mse_loss(mamlkit.mlp)",
+            _fused_why_not,
+            _FusedRunner,
+        ),
+        Backend(
+            "fused-compiled",
+            "the fused kernels compiled ahead of time, cached on disk",
+            _aot_why_not,
+            _AotRunner,
+            _AotStep,
+            compiles=True,
+        ),
+        Backend(
+            "vmap-compiled",
+            "torch.compile of the vmap backend (any model)",
+            _compile_why_not,
+            _vmap_compiled_runner,
+            compiles=True,
+        ),
     )
 }
 """Every backend by name."""
@@ -272,5 +322,14 @@ def resolve(choice: object, problem: Problem, order: tuple[str, ...] | None = No
     raise ValueError(f"backend={choice!r}: no backend can run this problem ({'; '.join(reasons)})")
 
 
-__all__ = ["BACKENDS", "CHOICES", "SELECTORS", "Backend", "GradRunner", "Problem", "StepRunner",
-           "candidates", "resolve"]
+__all__ = [
+    "BACKENDS",
+    "CHOICES",
+    "SELECTORS",
+    "Backend",
+    "GradRunner",
+    "Problem",
+    "StepRunner",
+    "candidates",
+    "resolve",
+]

@@ -4,8 +4,8 @@ A checkpoint is a single ``torch.save`` file (``checkpoint.pt``) with the parame
 state, the iteration, the task generator's state, the loss history, the run's config (as
 JSON text) and a status. One file means parameters and config can never disagree. It is written
 atomically (``mamlkit._files``), so a crash or a kill at any moment leaves either the old
-checkpoint or the new one, never a torn file. Loading uses ``torch.load(weights_only=True)`` (no code runs while
-loading) and names the file in every error.
+checkpoint or the new one, never a torn file. Loading uses ``torch.load(weights_only=True)``
+(no code runs while loading) and names the file in every error.
 """
 
 from __future__ import annotations
@@ -85,8 +85,17 @@ def save_checkpoint(checkpoint: Checkpoint, location: str | Path) -> Path:
     return save_torch(path, record)
 
 
-_KEYS = ("params", "adam_step", "adam_m", "adam_v", "iteration", "generator", "history",
-         "config", "status")
+_KEYS = (
+    "params",
+    "adam_step",
+    "adam_m",
+    "adam_v",
+    "iteration",
+    "generator",
+    "history",
+    "config",
+    "status",
+)
 
 
 def load_checkpoint(location: str | Path) -> Checkpoint:
@@ -108,8 +117,10 @@ def load_checkpoint(location: str | Path) -> Checkpoint:
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a mamlkit checkpoint")
     if record.get("version") != VERSION:
-        raise CheckpointError(f"{str(path)!r} has format version {record.get('version')!r}; "
-                              f"this mamlkit reads version {VERSION}")
+        raise CheckpointError(
+            f"{str(path)!r} has format version {record.get('version')!r}; "
+            f"this mamlkit reads version {VERSION}"
+        )
     missing = [k for k in _KEYS if k not in record]
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks {missing}")
@@ -120,15 +131,32 @@ def load_checkpoint(location: str | Path) -> Checkpoint:
     params, m, v = record["params"], record["adam_m"], record["adam_v"]
     history, iteration = record["history"], record["iteration"]
     consistent = (
-        isinstance(params, dict) and params and set(m) == set(params) == set(v)
-        and all(isinstance(t, Tensor) and t.shape == params[k].shape for d in (m, v) for k, t in d.items())
-        and isinstance(iteration, int) and isinstance(history, Tensor) and history.shape == (iteration,)
+        isinstance(params, dict)
+        and params
+        and set(m) == set(params) == set(v)
+        and all(
+            isinstance(t, Tensor) and t.shape == params[k].shape
+            for d in (m, v)
+            for k, t in d.items()
+        )
+        and isinstance(iteration, int)
+        and isinstance(history, Tensor)
+        and history.shape == (iteration,)
         and record["status"] in STATUSES
         and config.get("param_shapes", {k: list(p.shape) for k, p in params.items()})
         == {k: list(p.shape) for k, p in params.items()}
     )
     if not consistent:
-        raise CheckpointError(f"checkpoint {str(path)!r} is inconsistent (parameters, optimizer "
-                              "state, history and config do not agree)")
-    return Checkpoint(params, AdamState(record["adam_step"], m, v), iteration, record["generator"],
-                      history, config, record["status"])
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is inconsistent (parameters, optimizer "
+            "state, history and config do not agree)"
+        )
+    return Checkpoint(
+        params,
+        AdamState(record["adam_step"], m, v),
+        iteration,
+        record["generator"],
+        history,
+        config,
+        record["status"],
+    )

@@ -6,9 +6,10 @@ has the same error contract:
 
 - ``params``: a non-empty ``dict[str, Tensor]`` of floating-point tensors, all of one dtype and
   on one device (``TypeError``/``ValueError`` naming the key).
-- data ``(x, y)``: tensors on the device of ``params``; ``x`` floating-point with the dtype of
-  ``params``; ``y`` either floating-point with that dtype (regression targets) or an integer
-  tensor (class labels, for losses that take them); complex and bool tensors are refused.
+- data ``(x, y)``: tensors on the device of ``params``; ``x`` of any real dtype (token ids for
+  an embedding are the model's business), floating ``x`` in the dtype of ``params``; ``y`` either
+  floating-point with that dtype (regression targets) or an integer tensor (class labels, for
+  losses that take them); complex tensors, and bool targets, are refused.
   NaN or inf *values* are not inspected: NaN in the data gives NaN out (training stops on it).
 - one task's batch: at least one point, ``x`` and ``y`` with the same number of rows.
 - a meta-batch: ``x`` of shape (tasks, points, features…) — at least three dimensions — and
@@ -21,12 +22,16 @@ checks also work under ``torch.func.vmap`` and ``torch.func.grad``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from numbers import Real
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from ._params import Batch, LossFn, Params
 
@@ -69,14 +74,13 @@ def reference_tensor(params: Mapping[str, Tensor]) -> Tensor:
 
 def check_data(value: object, where: str, role: str, like: Tensor | None) -> Tensor:
     """One data tensor: ``where`` names it in errors (e.g. ``"support x"``); ``role`` is ``"x"``
-    (model inputs: floating) or ``"y"`` (targets: floating or integer labels)."""
+    (model inputs: any real dtype — token ids and masks are the model's business — with floating
+    inputs in the dtype of the parameters) or ``"y"`` (targets: floating, or integer labels)."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{where} must be a Tensor, got {type(value).__name__}")
-    if value.is_complex() or value.dtype == torch.bool:
-        raise TypeError(f"{where} must be a real floating-point or integer tensor, got {value.dtype}")
-    if role == "x" and not value.is_floating_point():
+    if value.is_complex() or (role == "y" and value.dtype == torch.bool):
         raise TypeError(
-            f"{where} must be a floating-point tensor (the model's inputs), got {value.dtype}"
+            f"{where} must be a real floating-point or integer tensor, got {value.dtype}"
         )
     if like is None:
         return value
@@ -117,7 +121,9 @@ def check_batch(batch: object, name: str, like: Tensor | None = None) -> Batch:
     return x, y
 
 
-def check_meta_batch(support: object, query: object, like: Tensor | None = None) -> tuple[Batch, Batch]:
+def check_meta_batch(
+    support: object, query: object, like: Tensor | None = None
+) -> tuple[Batch, Batch]:
     """A meta-batch: x (tasks, points, features…), y (tasks, points, …); see the module doc."""
     batches = []
     for name, batch in (("support", support), ("query", query)):
@@ -137,7 +143,9 @@ def check_meta_batch(support: object, query: object, like: Tensor | None = None)
         if x.shape[0] == 0:
             raise ValueError(f"{name} must hold at least one task, got x {tuple(x.shape)}")
         if x.shape[1] == 0:
-            raise ValueError(f"{name} must hold at least one point per task, got x {tuple(x.shape)}")
+            raise ValueError(
+                f"{name} must hold at least one point per task, got x {tuple(x.shape)}"
+            )
         batches.append((x, y))
     if batches[0][0].shape[0] != batches[1][0].shape[0]:
         raise ValueError(
@@ -222,19 +230,126 @@ def check_like(tree: object, params: Params, name: str) -> Params:
     return tree
 
 
-def checked_loss(loss_fn: object) -> LossFn:
-    """Wrap ``loss_fn`` so that a non-scalar return value raises a clear ValueError."""
+_DROPOUTS = {
+    F.dropout: 1,  # the position of p; training follows it
+    F.dropout1d: 1,
+    F.dropout2d: 1,
+    F.dropout3d: 1,
+    F.alpha_dropout: 1,
+    F.feature_alpha_dropout: 1,
+}
+_RANDOM = {
+    torch.bernoulli,
+    torch.rand,
+    torch.rand_like,
+    torch.randn,
+    torch.randn_like,
+    torch.randint,
+    torch.randint_like,
+    torch.randperm,
+    torch.multinomial,
+    torch.normal,
+    torch.poisson,
+    Tensor.bernoulli_,
+    Tensor.uniform_,
+    Tensor.normal_,
+    Tensor.random_,
+    Tensor.exponential_,
+    Tensor.geometric_,
+    Tensor.log_normal_,
+    Tensor.cauchy_,
+    F.rrelu,
+}
+
+
+def _is_random(func: object, args: tuple[object, ...], kwargs: dict[str, object]) -> bool:
+    if func in _DROPOUTS:
+        at = _DROPOUTS[func]  # type: ignore[index]
+        p = kwargs.get("p", args[at] if len(args) > at else 0.5)
+        training = kwargs.get("training", args[at + 1] if len(args) > at + 1 else True)
+        return bool(training) and float(p) > 0  # type: ignore[arg-type]
+    if func is F.rrelu:
+        return bool(kwargs.get("training", args[3] if len(args) > 3 else False))
+    return func in _RANDOM
+
+
+class _ExactPasses(TorchFunctionMode):
+    """Within a loss evaluation: refuse every draw of random numbers (a meta-gradient must see
+    the same function in its inner and outer passes, and vmap over tasks cannot share one
+    random stream), and run attention with the math kernel, the one whose second derivative
+    torch implements on every device."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if _is_random(func, args, kwargs):
+            name = getattr(func, "__name__", str(func))
+            raise ValueError(
+                f"loss_fn draws random numbers ({name}: dropout or another random operation); "
+                "a meta-gradient needs the same function in its inner and outer passes: put the "
+                "module in eval mode, set dropout's p=0, or remove it"
+            )
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def exact_passes(guard: bool = True) -> Iterator[None]:
+    """The context every loss evaluation runs in: attention with the math kernel, and (with
+    ``guard``) every random draw refused (see :class:`_ExactPasses`). The meta-batch backends,
+    whose speed matters, check a problem once, when its plan is made (one loss evaluation
+    under the guard), and run without it."""
+    with sdpa_kernel([SDPBackend.MATH]):
+        if guard:
+            with _ExactPasses():
+                yield
+        else:
+            yield
+
+
+def checked_loss(loss_fn: object, *, guard: bool = True) -> LossFn:
+    """Wrap ``loss_fn``: it runs in :func:`exact_passes`, and a return value that is not a
+    floating-point scalar tensor is a clear error naming the loss."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(params, batch), got {loss_fn!r}")
 
     def loss(params: Params, batch: Batch) -> Tensor:
-        value = loss_fn(params, batch)
-        if not isinstance(value, Tensor) or value.ndim != 0:
-            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(f"loss_fn must return a scalar (0-d) tensor, got {shape}")
+        with exact_passes(guard):
+            value = loss_fn(params, batch)
+        if not isinstance(value, Tensor):
+            raise TypeError(f"loss_fn must return a tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"loss_fn must return a floating-point tensor, got {value.dtype}")
+        if value.ndim != 0:
+            raise ValueError(f"loss_fn must return a scalar (0-d) tensor, got {tuple(value.shape)}")
         return value
 
     return loss
+
+
+def check_targets(loss_fn: object, params: Params, x: Tensor, y: Tensor, name: str) -> None:
+    """The loss's own check of its targets, if it has one (``loss_fn.check_targets``: class
+    labels against the model's number of classes), on concrete tensors at an engine's door;
+    ``x`` is one task's inputs, ``y`` any number of tasks' targets."""
+    check = getattr(loss_fn, "check_targets", None)
+    if callable(check):
+        with exact_passes():
+            check(params, x, y, name)
+
+
+def check_task(loss_fn: object, params: Params, batch: object, name: str) -> Batch:
+    """One task's ``(x, y)`` (:func:`check_batch`) and the loss's check of its targets."""
+    x, y = check_batch(batch, name, reference_tensor(params))
+    check_targets(loss_fn, params, x, y, f"{name} y")
+    return x, y
+
+
+def check_meta_task(
+    loss_fn: object, params: Params, support: object, query: object
+) -> tuple[Batch, Batch]:
+    """A meta-batch (:func:`check_meta_batch`) and the loss's check of its targets."""
+    support, query = check_meta_batch(support, query, reference_tensor(params))
+    for name, (x, y) in (("support", support), ("query", query)):
+        check_targets(loss_fn, params, x[0], y, f"{name} y")
+    return support, query
 
 
 def check_callable(value: object, name: str, signature: str) -> None:

@@ -45,7 +45,9 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 def _seed(text: str) -> int:
     value = int(text)
     if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be in 0 … 2**64 - 1 (torch's seed range), got {value}")
+        raise argparse.ArgumentTypeError(
+            f"must be in 0 … 2**64 - 1 (torch's seed range), got {value}"
+        )
     return value
 
 
@@ -78,8 +80,10 @@ def _device(parser: argparse.ArgumentParser, name: str) -> str:
     except RuntimeError:
         parser.error(f"argument --device: not a torch device: {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("argument --device: CUDA is not available in this torch build "
-                     f"({torch.__version__}); use --device cpu")
+        parser.error(
+            "argument --device: CUDA is not available in this torch build "
+            f"({torch.__version__}); use --device cpu"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         parser.error("argument --device: MPS is not available here; use --device cpu")
     return name
@@ -94,23 +98,29 @@ def _output_file(parser: argparse.ArgumentParser, flag: str, path: str | None) -
     if target.is_dir():
         parser.error(f"argument {flag}: {path!r} is a folder, not a file")
     if not folder.is_dir() or not os.access(folder, os.W_OK):
-        parser.error(f"argument {flag}: cannot write {path!r} (folder {str(folder)!r} is missing "
-                     "or not writable)")
+        parser.error(
+            f"argument {flag}: cannot write {path!r} (folder {str(folder)!r} is missing "
+            "or not writable)"
+        )
 
 
 def _method_changes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
     """The command line's changes to the method's settings; a flag the method does not take is a
     usage error."""
     method = get_method(args.method)
-    changes = {name: getattr(args, name) for name in ("lr", "steps") if getattr(args, name) is not None}
+    changes = {
+        name: getattr(args, name) for name in ("lr", "steps") if getattr(args, name) is not None
+    }
     taken = {h.name for h in method.hypers}
     for name in hyper_table():
         value = getattr(args, name)
         if value is None:
             continue
         if name not in taken:
-            parser.error(f"argument --{name.replace('_', '-')}: method {method.name!r} does not "
-                         f"take it (its hyper-parameters: {sorted(taken) or 'none'})")
+            parser.error(
+                f"argument --{name.replace('_', '-')}: method {method.name!r} does not "
+                f"take it (its hyper-parameters: {sorted(taken) or 'none'})"
+            )
         changes[name] = value
     return changes
 
@@ -133,9 +143,15 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     device = _device(parser, args.device)
     protocol = SinusoidProtocol(
-        sizes=tuple(args.sizes), k_train=args.k, meta_batch_size=args.meta_batch_size,
-        iterations=args.iterations, meta_lr=args.meta_lr, backend=args.backend, device=device,
-        checkpoint_every=args.checkpoint_every, changes={args.method: _method_changes(parser, args)},
+        sizes=tuple(args.sizes),
+        k_train=args.k,
+        meta_batch_size=args.meta_batch_size,
+        iterations=args.iterations,
+        meta_lr=args.meta_lr,
+        backend=args.backend,
+        device=device,
+        checkpoint_every=args.checkpoint_every,
+        changes={args.method: _method_changes(parser, args)},
     )
     try:
         setup = EXPERIMENT.setup(protocol, args.method, args.seed)
@@ -144,13 +160,22 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     out = check_writable_folder(args.out, "--out")
     if args.resume and not (out / "checkpoint.pt").is_file():
         parser.error(f"argument --resume: no checkpoint in {str(out)!r} to resume")
-    result = run_training(setup.config, setup.loss_fn, setup.params, setup.sample_tasks, checkpoint_dir=out,
-                   resume=args.resume, progress=not args.no_progress,
-                   log_every=max(1, args.iterations // 10))
+    result = run_training(
+        setup.config,
+        setup.loss_fn,
+        setup.params,
+        setup.sample_tasks,
+        checkpoint_dir=out,
+        resume=args.resume,
+        progress=not args.no_progress,
+        log_every=max(1, args.iterations // 10),
+    )
     tail = result.history[-max(1, args.iterations // 20) :]
     final = f"{tail.mean().item():.4f}" if tail.numel() else "n/a"
-    print(f"{args.method}: {args.iterations} iterations ({result.config['backend']} backend), "
-          f"final meta-loss {final}; wrote {out / 'checkpoint.pt'}")
+    print(
+        f"{args.method}: {args.iterations} iterations ({result.config['backend']} backend), "
+        f"final meta-loss {final}; wrote {out / 'checkpoint.pt'}"
+    )
     return 0
 
 
@@ -162,12 +187,22 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     _output_file(parser, "--json", args.json)
     saved = load_checkpoint(args.checkpoint)
-    curves = evaluate_sinusoid(saved.params, ks=tuple(args.k), num_tasks=args.tasks, lr=args.lr,
-                               steps=args.steps, method=saved.config.get("method"),
-                               hypers=saved.config.get("hypers"))
+    curves = evaluate_sinusoid(
+        saved.params,
+        ks=tuple(args.k),
+        num_tasks=args.tasks,
+        lr=args.lr,
+        steps=args.steps,
+        method=saved.config.get("method"),
+        hypers=saved.config.get("hypers"),
+    )
     print(f"| K | {' | '.join(f'{j} steps' for j in range(args.steps + 1))} |")
     for k, curve in curves.items():
-        print(f"| {k} | " + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in zip(curve["mean"], curve["ci95"])) + " |")
+        print(
+            f"| {k} | "
+            + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in zip(curve["mean"], curve["ci95"]))
+            + " |"
+        )
     if args.json is not None:
         Path(args.json).write_text(json.dumps(curves, indent=1) + "\n")
     return 0
@@ -178,10 +213,20 @@ def _reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     quick = "_quick" if args.quick else ""
     out = args.out or f"results/{args.experiment}{quick}"
-    results = reproduce(args.experiment, out, quick=args.quick, iterations=args.iterations,
-                        methods=args.methods, eval_tasks=args.eval_tasks, seeds=args.seeds,
-                        workers=args.workers, backend=args.backend, resume=args.resume,
-                        progress=not args.no_progress, figures=not args.no_figures)
+    results = reproduce(
+        args.experiment,
+        out,
+        quick=args.quick,
+        iterations=args.iterations,
+        methods=args.methods,
+        eval_tasks=args.eval_tasks,
+        seeds=args.seeds,
+        workers=args.workers,
+        backend=args.backend,
+        resume=args.resume,
+        progress=not args.no_progress,
+        figures=not args.no_figures,
+    )
     for warning in results["warnings"]:
         print(f"[WARN] {warning}")
     for note in results.get("notes", []):
@@ -210,75 +255,161 @@ def _cache(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mamlkit", description=DESCRIPTION,
-                                     formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mamlkit", description=DESCRIPTION, formatter_class=_Formatter
+    )
     parser.add_argument("--version", action="version", version=f"mamlkit {__version__}")
-    parser.add_argument("--threads", type=_positive, default=None,
-                        help="torch threads (default: $MAMLKIT_NUM_THREADS, the first entry of "
-                        "$OMP_NUM_THREADS, or 1)")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an error (also: MAMLKIT_DEBUG=1)")
+    parser.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="torch threads (default: $MAMLKIT_NUM_THREADS, the first entry of "
+        "$OMP_NUM_THREADS, or 1)",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error (also: MAMLKIT_DEBUG=1)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    verify = commands.add_parser("verify", help="check every identity the notebooks claim", formatter_class=_Formatter)
+    verify = commands.add_parser(
+        "verify", help="check every identity the notebooks claim", formatter_class=_Formatter
+    )
     verify.add_argument("--seed", type=_seed, default=0, help="seed of the numeric checks")
     verify.set_defaults(run=_verify, command_parser=verify)
 
-    train = commands.add_parser("train", formatter_class=_Formatter,
-                                help="meta-train a sinusoid regressor (checkpointed, resumable)")
-    train.add_argument("--method", choices=tuple(METHODS), default="maml",
-                       help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
-    train.add_argument("--out", required=True, help="folder for checkpoint.pt (checked before training)")
-    train.add_argument("--iterations", type=_nonnegative, default=70_000, help="meta-iterations (the paper's 70,000)")
-    train.add_argument("--meta-batch-size", type=_positive, default=25, help="tasks per meta-iteration")
+    train = commands.add_parser(
+        "train",
+        formatter_class=_Formatter,
+        help="meta-train a sinusoid regressor (checkpointed, resumable)",
+    )
+    train.add_argument(
+        "--method",
+        choices=tuple(METHODS),
+        default="maml",
+        help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()),
+    )
+    train.add_argument(
+        "--out", required=True, help="folder for checkpoint.pt (checked before training)"
+    )
+    train.add_argument(
+        "--iterations",
+        type=_nonnegative,
+        default=70_000,
+        help="meta-iterations (the paper's 70,000)",
+    )
+    train.add_argument(
+        "--meta-batch-size", type=_positive, default=25, help="tasks per meta-iteration"
+    )
     train.add_argument("--k", type=_positive, default=10, help="support (= query) points per task")
     train.add_argument("--meta-lr", type=_float, default=1e-3, help="Adam's step size β")
-    train.add_argument("--lr", type=_float, default=None, help="inner step size α (default: the method's setting)")
-    train.add_argument("--steps", type=_nonnegative, default=None, help="inner steps (default: the method's setting)")
+    train.add_argument(
+        "--lr", type=_float, default=None, help="inner step size α (default: the method's setting)"
+    )
+    train.add_argument(
+        "--steps",
+        type=_nonnegative,
+        default=None,
+        help="inner steps (default: the method's setting)",
+    )
     for hyper in hyper_table().values():
-        train.add_argument(f"--{hyper.name.replace('_', '-')}", type=_float if hyper.kind is float else _positive,
-                           default=None, help=f"{hyper.help} (default: the method's setting)")
-    train.add_argument("--sizes", type=_positive, nargs="+", default=[1, 40, 40, 1], help="MLP layer widths")
-    train.add_argument("--seed", type=_seed, default=0, help="initialisation seed (tasks use seed + 1)")
+        train.add_argument(
+            f"--{hyper.name.replace('_', '-')}",
+            type=_float if hyper.kind is float else _positive,
+            default=None,
+            help=f"{hyper.help} (default: the method's setting)",
+        )
+    train.add_argument(
+        "--sizes", type=_positive, nargs="+", default=[1, 40, 40, 1], help="MLP layer widths"
+    )
+    train.add_argument(
+        "--seed", type=_seed, default=0, help="initialisation seed (tasks use seed + 1)"
+    )
     train.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    train.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
-                       help="meta-gradient backend (auto: fused-compiled from 20,000 iterations, "
-                       "else fused; vmap for a method without a fused kernel)")
-    train.add_argument("--checkpoint-every", type=_positive, default=1_000, help="iterations between checkpoints")
-    train.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    train.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default="auto",
+        help="meta-gradient backend (auto: fused-compiled from 20,000 iterations, "
+        "else fused; vmap for a method without a fused kernel)",
+    )
+    train.add_argument(
+        "--checkpoint-every", type=_positive, default=1_000, help="iterations between checkpoints"
+    )
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run checkpointed in --out"
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train, command_parser=train)
 
-    evaluate = commands.add_parser("evaluate", formatter_class=_Formatter,
-                                   help="fine-tune a trained sinusoid regressor on fresh tasks")
+    evaluate = commands.add_parser(
+        "evaluate",
+        formatter_class=_Formatter,
+        help="fine-tune a trained sinusoid regressor on fresh tasks",
+    )
     evaluate.add_argument("checkpoint", help="folder (or checkpoint.pt) written by `train`")
-    evaluate.add_argument("--k", type=_positive, nargs="+", default=[5, 10, 20], help="support points per test task")
+    evaluate.add_argument(
+        "--k", type=_positive, nargs="+", default=[5, 10, 20], help="support points per test task"
+    )
     evaluate.add_argument("--tasks", type=_positive, default=600, help="test tasks per K")
     evaluate.add_argument("--steps", type=_nonnegative, default=10, help="fine-tuning steps")
     evaluate.add_argument("--lr", type=_float, default=0.01, help="fine-tuning step size")
     evaluate.add_argument("--json", default=None, help="also write the curves to this file")
     evaluate.set_defaults(run=_evaluate, command_parser=evaluate)
 
-    reproduce = commands.add_parser("reproduce", formatter_class=_Formatter, help="reproduce a paper experiment")
+    reproduce = commands.add_parser(
+        "reproduce", formatter_class=_Formatter, help="reproduce a paper experiment"
+    )
     reproduce.add_argument("experiment", choices=tuple(EXPERIMENTS), help="which experiment")
-    reproduce.add_argument("--quick", action="store_true", help="the small version (one seed, fewer iterations)")
-    reproduce.add_argument("--iterations", type=_positive, default=None, help="meta-iterations (default: the protocol's)")
-    reproduce.add_argument("--eval-tasks", type=_positive, default=None, help="test tasks (default: the protocol's)")
-    reproduce.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=None,
-                           help="methods to run (default: the experiment's)")
-    reproduce.add_argument("--seeds", type=_seed, nargs="+", default=None,
-                           help="training seeds (default: 0 1 2; --quick: 0)")
-    reproduce.add_argument("--workers", type=_positive, default=1, help="parallel training processes")
-    reproduce.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="meta-gradient backend")
-    reproduce.add_argument("--out", default=None, help="output folder (default: results/EXPERIMENT[_quick])")
-    reproduce.add_argument("--resume", action="store_true", help="continue the runs checkpointed in --out")
+    reproduce.add_argument(
+        "--quick", action="store_true", help="the small version (one seed, fewer iterations)"
+    )
+    reproduce.add_argument(
+        "--iterations",
+        type=_positive,
+        default=None,
+        help="meta-iterations (default: the protocol's)",
+    )
+    reproduce.add_argument(
+        "--eval-tasks", type=_positive, default=None, help="test tasks (default: the protocol's)"
+    )
+    reproduce.add_argument(
+        "--methods",
+        nargs="+",
+        choices=tuple(METHODS),
+        default=None,
+        help="methods to run (default: the experiment's)",
+    )
+    reproduce.add_argument(
+        "--seeds",
+        type=_seed,
+        nargs="+",
+        default=None,
+        help="training seeds (default: 0 1 2; --quick: 0)",
+    )
+    reproduce.add_argument(
+        "--workers", type=_positive, default=1, help="parallel training processes"
+    )
+    reproduce.add_argument(
+        "--backend", choices=BACKEND_CHOICES, default="auto", help="meta-gradient backend"
+    )
+    reproduce.add_argument(
+        "--out", default=None, help="output folder (default: results/EXPERIMENT[_quick])"
+    )
+    reproduce.add_argument(
+        "--resume", action="store_true", help="continue the runs checkpointed in --out"
+    )
     reproduce.add_argument("--no-progress", action="store_true", help="no progress output")
     reproduce.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     reproduce.set_defaults(run=_reproduce, command_parser=reproduce)
 
-    cache = commands.add_parser("cache", formatter_class=_Formatter,
-                                help="what mamlkit keeps in its cache folder (compiled kernels, "
-                                "torch.compile artifacts, glyph images)")
+    cache = commands.add_parser(
+        "cache",
+        formatter_class=_Formatter,
+        help="what mamlkit keeps in its cache folder (compiled kernels, "
+        "torch.compile artifacts, glyph images)",
+    )
     cache.add_argument("--clear", action="store_true", help="delete all of it")
     cache.set_defaults(run=_cache, command_parser=cache)
     return parser
@@ -298,7 +429,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainingInterrupted, ExperimentInterrupted) as error:
         if debug:
             raise
-        hint = "; continue with the same command and --resume" if isinstance(error, TrainingInterrupted) else ""
+        hint = (
+            "; continue with the same command and --resume"
+            if isinstance(error, TrainingInterrupted)
+            else ""
+        )
         print(f"mamlkit: {error}{hint}", file=sys.stderr)
         return 128 + error.signum
     except KeyboardInterrupt:
@@ -306,8 +441,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("mamlkit: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
-    except (ValueError, TypeError, OSError, CheckpointError, TrainingDiverged, ExperimentFailed,
-            RuntimeError) as error:
+    except (
+        ValueError,
+        TypeError,
+        OSError,
+        CheckpointError,
+        TrainingDiverged,
+        ExperimentFailed,
+        RuntimeError,
+    ) as error:
         if debug:
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -92,14 +92,25 @@ def _key(record: dict[str, Any]) -> str:
 class _LayerKernel(torch.nn.Module):
     """``(W_0, b_0, …, W_{L−1}, b_{L−1}, xs, ys, xq, yq) → (∇W_0, ∇b_0, …, query losses)``."""
 
-    def __init__(self, method: str, spec: _fused.MLPSpec, lr: float, steps: int,
-                 hypers: dict[str, Any]) -> None:
+    def __init__(
+        self, method: str, spec: _fused.MLPSpec, lr: float, steps: int, hypers: dict[str, Any]
+    ) -> None:
         super().__init__()
         self.method, self.spec, self.lr, self.steps, self.hypers = method, spec, lr, steps, hypers
 
-    def grads(self, layers: tuple[Tensor, ...], data: tuple[Tensor, ...]) -> tuple[list[Tensor], Tensor]:
-        return _fused.run(self.method, self.spec, list(layers), _fused.Problem(*data), self.lr,
-                          self.steps, self.hypers, compiled=True)
+    def grads(
+        self, layers: tuple[Tensor, ...], data: tuple[Tensor, ...]
+    ) -> tuple[list[Tensor], Tensor]:
+        return _fused.run(
+            self.method,
+            self.spec,
+            list(layers),
+            _fused.Problem(*data),
+            self.lr,
+            self.steps,
+            self.hypers,
+            compiled=True,
+        )
 
     def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         grads, losses = self.grads(tensors[:-4], tensors[-4:])
@@ -113,9 +124,17 @@ class _StepKernel(_LayerKernel):
     the update of ``torch.optim.Adam`` (``mamlkit.train.adam_update``) in the same graph.
     """
 
-    def __init__(self, method: str, spec: _fused.MLPSpec, lr: float, steps: int,
-                 hypers: dict[str, Any], betas: tuple[float, float], eps: float,
-                 max_grad_norm: float | None) -> None:
+    def __init__(
+        self,
+        method: str,
+        spec: _fused.MLPSpec,
+        lr: float,
+        steps: int,
+        hypers: dict[str, Any],
+        betas: tuple[float, float],
+        eps: float,
+        max_grad_norm: float | None,
+    ) -> None:
         super().__init__(method, spec, lr, steps, hypers)
         self.betas, self.eps, self.max_grad_norm = betas, eps, max_grad_norm
 
@@ -131,8 +150,10 @@ class _StepKernel(_LayerKernel):
         beta1, beta2 = self.betas
         new_m = [beta1 * mi + (1 - beta1) * g for mi, g in zip(m, grads)]
         new_v = [beta2 * vi + (1 - beta2) * g * g for vi, g in zip(v, grads)]
-        new_p = [p - step_size * mi / (torch.sqrt(vi * inverse_correction) + self.eps)
-                 for p, mi, vi in zip(params, new_m, new_v)]
+        new_p = [
+            p - step_size * mi / (torch.sqrt(vi * inverse_correction) + self.eps)
+            for p, mi, vi in zip(params, new_m, new_v)
+        ]
         return (*new_p, *new_m, *new_v, losses)
 
 
@@ -161,12 +182,20 @@ def _compile_package(module: torch.nn.Module, example: list[Tensor], path: Path)
         _files.atomic_produce(path, produce)  # a half-written package is never loaded
 
 
-def _load_or_compile(kind: str, module: torch.nn.Module, record: dict[str, Any],
-                     example: list[Tensor]) -> Callable[[list[Tensor]], list[Tensor]]:
+def _load_or_compile(
+    kind: str, module: torch.nn.Module, record: dict[str, Any], example: list[Tensor]
+) -> Callable[[list[Tensor]], list[Tensor]]:
     device = example[0].device
-    record = {**record, "kind": kind, "torch": torch.__version__, "source": _source_hash(),
-              "shapes": [list(t.shape) for t in example], "dtype": str(example[0].dtype),
-              "device": str(device), "threads": torch.get_num_threads()}
+    record = {
+        **record,
+        "kind": kind,
+        "torch": torch.__version__,
+        "source": _source_hash(),
+        "shapes": [list(t.shape) for t in example],
+        "dtype": str(example[0].dtype),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
     key = _key(record)
     if key in _RUNNERS:
         return _RUNNERS[key]
@@ -183,33 +212,64 @@ def _load_or_compile(kind: str, module: torch.nn.Module, record: dict[str, Any],
             path.unlink(missing_ok=True)
             cold = True
     if runner is None:
-        announce(f"compiling the fused {record['method']} {kind} kernel ahead of time (about "
-                 f"30 s, once; cached in {path.parent})")
+        announce(
+            f"compiling the fused {record['method']} {kind} kernel ahead of time (about "
+            f"30 s, once; cached in {path.parent})"
+        )
         _compile_package(module, example, path)
         runner = _load(path)
     _RUNNERS[key] = runner
-    COMPILE_LOG.append({"key": key, "kind": kind, "method": record["method"],
-                        "seconds": time.perf_counter() - start, "cold": cold})
+    COMPILE_LOG.append(
+        {
+            "key": key,
+            "kind": kind,
+            "method": record["method"],
+            "seconds": time.perf_counter() - start,
+            "cold": cold,
+        }
+    )
     return runner
 
 
-def fused_runner(method: str, spec: _fused.MLPSpec, lr: float, steps: int,
-                 hypers: dict[str, Any], example: list[Tensor]) -> Callable[[list[Tensor]], list[Tensor]]:
+def fused_runner(
+    method: str,
+    spec: _fused.MLPSpec,
+    lr: float,
+    steps: int,
+    hypers: dict[str, Any],
+    example: list[Tensor],
+) -> Callable[[list[Tensor]], list[Tensor]]:
     """The compiled gradient kernel for this problem, from memory, the disk cache, or compiled
     now; ``example`` is ``[W_0, b_0, …, xs, ys, xq, yq]`` with the shapes, dtype and device to
     compile for. Called with such a list it returns ``[∇W_0, ∇b_0, …, query losses]``."""
     record = {"method": method, "spec": list(spec), "lr": lr, "steps": steps, "hypers": hypers}
-    return _load_or_compile("grad", _LayerKernel(method, spec, lr, steps, dict(hypers)), record,
-                            example)
+    return _load_or_compile(
+        "grad", _LayerKernel(method, spec, lr, steps, dict(hypers)), record, example
+    )
 
 
-def fused_step_runner(method: str, spec: _fused.MLPSpec, lr: float, steps: int,
-                      hypers: dict[str, Any], betas: tuple[float, float], eps: float,
-                      max_grad_norm: float | None,
-                      example: list[Tensor]) -> Callable[[list[Tensor]], list[Tensor]]:
+def fused_step_runner(
+    method: str,
+    spec: _fused.MLPSpec,
+    lr: float,
+    steps: int,
+    hypers: dict[str, Any],
+    betas: tuple[float, float],
+    eps: float,
+    max_grad_norm: float | None,
+    example: list[Tensor],
+) -> Callable[[list[Tensor]], list[Tensor]]:
     """The compiled whole meta-iteration (see :class:`_StepKernel`) for this problem."""
-    record = {"method": method, "spec": list(spec), "lr": lr, "steps": steps, "hypers": hypers,
-              "betas": list(betas), "eps": eps, "max_grad_norm": max_grad_norm}
+    record = {
+        "method": method,
+        "spec": list(spec),
+        "lr": lr,
+        "steps": steps,
+        "hypers": hypers,
+        "betas": list(betas),
+        "eps": eps,
+        "max_grad_norm": max_grad_norm,
+    }
     module = _StepKernel(method, spec, lr, steps, dict(hypers), betas, eps, max_grad_norm)
     return _load_or_compile("step", module, record, example)
 
@@ -237,12 +297,18 @@ def compile_runner(run: Callable[..., Any], problem: Any) -> Callable[..., Any]:
     """``torch.compile(run)`` that announces its first compile and keeps torch's cache artifacts
     for this problem in the cache folder (loaded before compiling in a later process)."""
     compiled = torch.compile(run, dynamic=False)
-    record = {"loss": describe_loss(problem.loss_fn), "method": problem.method.name,
-              "hypers": dict(problem.hypers), "lr": problem.lr, "steps": problem.steps,
-              "params": {k: list(v.shape) for k, v in problem.params.items()},
-              "data": [list(t.shape) for t in (*problem.support, *problem.query)],
-              "dtype": str(next(iter(problem.params.values())).dtype),
-              "device": str(problem.device), "torch": torch.__version__}
+    record = {
+        "loss": describe_loss(problem.loss_fn),
+        "method": problem.method.name,
+        "hypers": dict(problem.hypers),
+        "lr": problem.lr,
+        "steps": problem.steps,
+        "params": {k: list(v.shape) for k, v in problem.params.items()},
+        "data": [list(t.shape) for t in (*problem.support, *problem.query)],
+        "dtype": str(next(iter(problem.params.values())).dtype),
+        "device": str(problem.device),
+        "torch": torch.__version__,
+    }
     path = _files.cache_dir() / f"compile-{_key(record)}.bin"
     state = {"first": True}
 
@@ -256,14 +322,23 @@ def compile_runner(run: Callable[..., Any], problem: Any) -> Callable[..., Any]:
                 path.unlink(missing_ok=True)
                 warm = False
         wait = "seconds: cached artifacts found" if warm else "tens of seconds to minutes, once"
-        announce(f"compiling the {problem.method.name} meta-gradient of "
-                 f"{describe_loss(problem.loss_fn, short=True)} with torch.compile ({wait})")
+        announce(
+            f"compiling the {problem.method.name} meta-gradient of "
+            f"{describe_loss(problem.loss_fn, short=True)} with torch.compile ({wait})"
+        )
         out = compiled(*args)
         saved = torch.compiler.save_cache_artifacts()
         if saved is not None and not warm:
             _files.atomic_write(path, lambda f: f.write(saved[0]))
-        COMPILE_LOG.append({"key": path.stem, "kind": "torch.compile", "method": problem.method.name,
-                            "seconds": time.perf_counter() - start, "cold": not warm})
+        COMPILE_LOG.append(
+            {
+                "key": path.stem,
+                "kind": "torch.compile",
+                "method": problem.method.name,
+                "seconds": time.perf_counter() - start,
+                "cold": not warm,
+            }
+        )
         state["first"] = False
         return out
 
@@ -275,5 +350,14 @@ def compile_runner(run: Callable[..., Any], problem: Any) -> Callable[..., Any]:
     return call
 
 
-__all__ = ["COMPILE_LOG", "KINDS", "announce", "cache_entries", "clear_cache", "compile_runner",
-           "describe_loss", "fused_runner", "fused_step_runner"]
+__all__ = [
+    "COMPILE_LOG",
+    "KINDS",
+    "announce",
+    "cache_entries",
+    "clear_cache",
+    "compile_runner",
+    "describe_loss",
+    "fused_runner",
+    "fused_step_runner",
+]

@@ -9,7 +9,14 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, vjp
 
-from ._checks import check_batch, check_like, check_params, checked_loss, reference_tensor
+from ._checks import (
+    check_batch,
+    check_like,
+    check_params,
+    check_task,
+    checked_loss,
+    reference_tensor,
+)
 from ._params import Batch, LossFn, ModelFn, Params, flatten_params, tree_detach, unflatten_params
 
 
@@ -63,7 +70,7 @@ def hvp(
     """
     params = check_params(params)
     v = check_like(v, params, "v")
-    batch = check_batch(batch, "batch", reference_tensor(params))
+    batch = check_task(loss_fn, params, batch, "batch")
     return _hvp(checked_loss(loss_fn), tree_detach(params), batch, tree_detach(v))
 
 
@@ -81,7 +88,7 @@ def hessian(loss_fn: LossFn, params: Mapping[str, Tensor], batch: Batch) -> Tens
                 [1., 1.]])
     """
     params = check_params(params)
-    batch = check_batch(batch, "batch", reference_tensor(params))
+    batch = check_task(loss_fn, params, batch, "batch")
     return _hessian(checked_loss(loss_fn), tree_detach(params), batch)
 
 
@@ -93,11 +100,13 @@ def mse_hessian_parts(
     .. math::
 
         ∇²L = \underbrace{Σ_j J_jᵀ J_j}_{\text{Gauss–Newton, PSD}}
-            + \underbrace{Σ_j Σ_o (f_o(x_j) − y_{jo})\, ∇²_θ f_o(x_j)}_{\text{residual-weighted model Hessian}}
+            + \underbrace{Σ_j Σ_o (f_o(x_j) − y_{jo})\, ∇²_θ f_o(x_j)}_{
+                \text{residual-weighted model Hessian}}
 
     with ``J_j = ∂f(x_j)/∂θ`` of shape (O, P). The residual is taken as ``f − y``; written with
     ``y − f`` the second term carries a minus sign. Both parts are (P, P); the O×O matrix that
-    sits between ``J_jᵀ`` and ``J_j`` is the Hessian of the loss in the *outputs*, here the identity.
+    sits between ``J_jᵀ`` and ``J_j`` is the Hessian of the loss in the *outputs*, here the
+    identity.
 
     Args:
         model_fn: ``model_fn(params, x)`` returning predictions of shape (N,) or (N, O).
@@ -110,7 +119,8 @@ def mse_hessian_parts(
 
     Example:
         >>> line = lambda p, x: p["w"] * x[:, 0]   # linear in θ: the residual part vanishes
-        >>> gn, r = mse_hessian_parts(line, {"w": torch.tensor(2.0)}, torch.ones(3, 1), torch.zeros(3))
+        >>> gn, r = mse_hessian_parts(line, {"w": torch.tensor(2.0)}, torch.ones(3, 1),
+        ...                           torch.zeros(3))
         >>> gn, r
         (tensor([[3.]]), tensor([[0.]]))
     """
@@ -146,8 +156,10 @@ def cross_entropy_hessian_parts(
 
     .. math::
 
-        ∇²L = \underbrace{\frac1N Σ_n J_nᵀ (\mathrm{diag}\, p_n − p_n p_nᵀ) J_n}_{\text{Gauss–Newton, PSD}}
-            + \underbrace{\frac1N Σ_n Σ_o (p_{no} − y_{no})\, ∇²_θ z_{no}}_{\text{residual-weighted model Hessian}}
+        ∇²L = \underbrace{\frac1N Σ_n J_nᵀ (\mathrm{diag}\, p_n − p_n p_nᵀ) J_n}_{
+                \text{Gauss–Newton, PSD}}
+            + \underbrace{\frac1N Σ_n Σ_o (p_{no} − y_{no})\, ∇²_θ z_{no}}_{
+                \text{residual-weighted model Hessian}}
 
     with ``p_n = softmax(z_n)``, ``y_{no}`` the one-hot label and ``J_n = ∂z_n/∂θ`` (O, P). The
     O×O matrix ``diag p − ppᵀ`` is the Hessian of the loss in the logits (it replaces the identity
@@ -166,7 +178,8 @@ def cross_entropy_hessian_parts(
 
     Example:
         >>> lin = lambda p, x: x @ p["w"]          # linear logits: the residual part vanishes
-        >>> gn, r = cross_entropy_hessian_parts(lin, {"w": torch.zeros(1, 2)}, torch.ones(3, 1), torch.tensor([0, 1, 1]))
+        >>> x, y = torch.ones(3, 1), torch.tensor([0, 1, 1])
+        >>> gn, r = cross_entropy_hessian_parts(lin, {"w": torch.zeros(1, 2)}, x, y)
         >>> gn, r.abs().max()
         (tensor([[ 0.2500, -0.2500],
                 [-0.2500,  0.2500]]), tensor(0.))
@@ -175,7 +188,9 @@ def cross_entropy_hessian_parts(
     like = reference_tensor(params)
     check_batch((x, y), "(x, y)", like)
     if y.is_floating_point() or y.ndim != 1:
-        raise TypeError(f"y must be (N,) integer class labels, got {y.dtype} of shape {tuple(y.shape)}")
+        raise TypeError(
+            f"y must be (N,) integer class labels, got {y.dtype} of shape {tuple(y.shape)}"
+        )
     vector = flatten_params(params)
 
     def logits(v: Tensor) -> Tensor:

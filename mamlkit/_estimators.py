@@ -25,7 +25,6 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from ._checks import (
-    check_batch,
     check_finite,
     check_int,
     check_like,
@@ -34,8 +33,8 @@ from ._checks import (
     check_positive,
     check_positive_int,
     check_seed,
+    check_task,
     checked_loss,
-    reference_tensor,
 )
 from ._curvature import _hvp
 from ._metagrad import _adapt, fomaml_grad, maml_grad
@@ -102,11 +101,15 @@ def reptile_grad(
     """
     loss = checked_loss(loss_fn)
     params = tree_detach(check_params(params))
-    batch = check_batch(batch, "batch", reference_tensor(params))
-    return _reptile(loss, params, batch, check_finite(lr, "lr"), check_positive_int(steps, "steps"))[0]
+    batch = check_task(loss_fn, params, batch, "batch")
+    return _reptile(
+        loss, params, batch, check_finite(lr, "lr"), check_positive_int(steps, "steps")
+    )[0]
 
 
-def _reptile(loss: LossFn, params: Params, batch: Batch, lr: float, steps: int) -> tuple[Params, Params]:
+def _reptile(
+    loss: LossFn, params: Params, batch: Batch, lr: float, steps: int
+) -> tuple[Params, Params]:
     """(Σ_j ∇L(θ_j), θ_k), the unchecked core (vmap-safe)."""
     total, theta = tree_zeros_like(params), params
     for _ in range(steps):
@@ -239,7 +242,8 @@ def imaml(
     early exit); an iteration that has already converged (zero residual) or meets non-positive
     curvature leaves x unchanged instead of dividing by zero. With ``cg_tol > 0`` (outside
     vmap) CG stops as soon as ``‖r‖ ≤ cg_tol·‖b‖``; under vmap that raises a ValueError. The
-    full :class:`IMAMLResult` holds a Python int, so vmap a function that returns ``imaml(...).grad``
+    full :class:`IMAMLResult` holds a Python int, so vmap a function that returns
+    ``imaml(...).grad``
     rather than this one.
 
     CG needs ``I + H_s(φ)/λ`` positive definite, i.e. λ > −(smallest eigenvalue of H_s(φ)); the
@@ -277,9 +281,8 @@ def imaml(
     """
     loss = checked_loss(loss_fn)
     params = tree_detach(check_params(params))
-    like = reference_tensor(params)
-    support = check_batch(support, "support", like)
-    query = check_batch(query, "query", like)
+    support = check_task(loss_fn, params, support, "support")
+    query = check_task(loss_fn, params, query, "query")
     lam = check_positive(lam, "lam")
     lr = check_finite(lr, "lr")
     steps = check_int(steps, "steps")
@@ -373,9 +376,8 @@ def es_maml_grad(
     """
     loss = checked_loss(loss_fn)
     params = tree_detach(check_params(params))
-    like = reference_tensor(params)
-    support = check_batch(support, "support", like)
-    query = check_batch(query, "query", like)
+    support = check_task(loss_fn, params, support, "support")
+    query = check_task(loss_fn, params, query, "query")
     lr = check_finite(lr, "lr")
     steps = check_int(steps, "steps")
     num_samples = check_positive_int(num_samples, "num_samples")
@@ -441,9 +443,12 @@ class MetaGradientReport:
         }[self.verdict]
         lines = [
             f"verdict: {self.verdict} ({meaning})",
-            f"  vs MAML:   relative distance {self.rel_to_maml:.2e}, cosine {self.cos_to_maml:+.6f}",
-            f"  vs FOMAML: relative distance {self.rel_to_fomaml:.2e}, cosine {self.cos_to_fomaml:+.6f}",
-            f"  MAML vs FOMAML differ by {self.maml_vs_fomaml:.2e} (relative); rtol = {self.rtol:.0e}",
+            f"  vs MAML:   relative distance {self.rel_to_maml:.2e}, "
+            f"cosine {self.cos_to_maml:+.6f}",
+            f"  vs FOMAML: relative distance {self.rel_to_fomaml:.2e}, "
+            f"cosine {self.cos_to_fomaml:+.6f}",
+            f"  MAML vs FOMAML differ by {self.maml_vs_fomaml:.2e} (relative); "
+            f"rtol = {self.rtol:.0e}",
         ]
         if self.verdict == "neither" and self.cos_to_maml > 0.999:
             lines.append(
@@ -494,11 +499,12 @@ def compare_meta_gradient(
 
     Example:
         >>> L = lambda p, b: 0.5 * ((b[0] * p["w"] - b[1]) ** 2).sum()
-        >>> s = q = (torch.tensor([1.0, 1.0], dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+        >>> f64 = torch.float64
+        >>> s = q = (torch.tensor([1.0, 1.0], dtype=f64), torch.zeros(2, dtype=f64))
         >>> p = {"w": torch.tensor(1.0, dtype=torch.float64)}
-        >>> compare_meta_gradient({"w": torch.tensor(1.28, dtype=torch.float64)}, L, p, s, q, lr=0.1).verdict
+        >>> compare_meta_gradient({"w": torch.tensor(1.28, dtype=f64)}, L, p, s, q, lr=0.1).verdict
         'maml'
-        >>> compare_meta_gradient({"w": torch.tensor(1.6, dtype=torch.float64)}, L, p, s, q, lr=0.1).verdict
+        >>> compare_meta_gradient({"w": torch.tensor(1.6, dtype=f64)}, L, p, s, q, lr=0.1).verdict
         'fomaml'
     """
     params = check_params(params)

@@ -23,10 +23,9 @@ from torch.func import vmap
 from ._checks import (
     check_finite,
     check_int,
-    check_meta_batch,
+    check_meta_task,
     check_params,
     checked_loss,
-    reference_tensor,
 )
 from ._methods import Adaptation, get_method, sgd_adaptation
 from ._params import Batch, LossFn, Params, tree_detach
@@ -124,11 +123,13 @@ def evaluate(
     """
     loss = checked_loss(loss_fn)
     params = tree_detach(check_params(params))
-    support, query = check_meta_batch(support, query, reference_tensor(params))
+    support, query = check_meta_task(loss_fn, params, support, query)
     lr, steps = check_finite(lr, "lr"), check_int(steps, "steps")
     if method is None:
         if hypers:
-            raise TypeError(f"evaluate takes hyper-parameters only with a method, got {sorted(hypers)}")
+            raise TypeError(
+                f"evaluate takes hyper-parameters only with a method, got {sorted(hypers)}"
+            )
         adaptation = sgd_adaptation(loss, lr)
     else:
         entry = get_method(method)

@@ -76,7 +76,9 @@ def atomic_produce(path: str | Path, produce: Callable[[str], Any]) -> Path:
     temporary file ``tmp``, which then replaces ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temporary_name(path), suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=temporary_name(path), suffix=".tmp" + path.suffix, dir=path.parent
+    )
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         os.close(fd)

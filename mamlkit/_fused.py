@@ -13,7 +13,8 @@ is linear, ``f = z_{L−1}``; the loss is ``c/2 · Σ (f − y)²`` with ``c = 2
 - backward: ``δ_{l−1} = (δ_l W_l) ⊙ σ′(z_{l−1})``, ``∇W_l = c Σ_n δ_lᵀ h_l``, ``∇b_l = c Σ_n δ_l``;
 - R-op along ``v = (V_l, v_l)`` (Pearlmutter 1994, ``Hv = d/dε ∇L(θ + εv)``): forward
   ``Rz_l = Rh_l W_lᵀ + h_l V_lᵀ + v_l``, ``Rh_{l+1} = σ′(z_l) ⊙ Rz_l``; backward
-  ``Rδ_{L−1} = Rz_{L−1}``, ``(Hv)_{W_l} = c Σ_n (Rδ_lᵀ h_l + δ_lᵀ Rh_l)``, ``(Hv)_{b_l} = c Σ_n Rδ_l``,
+  ``Rδ_{L−1} = Rz_{L−1}``, ``(Hv)_{W_l} = c Σ_n (Rδ_lᵀ h_l + δ_lᵀ Rh_l)``,
+  ``(Hv)_{b_l} = c Σ_n Rδ_l``,
   ``Rδ_{l−1} = (Rδ_l W_l + δ_l V_l) ⊙ σ′(z_{l−1}) + (δ_l W_l) ⊙ σ″(z_{l−1}) ⊙ Rz_{l−1}``, where
   for tanh ``(δ_l W_l) ⊙ σ″ = −2 δ_{l−1} ⊙ h_l`` and for ReLU ``σ″ = 0`` (``σ′(0) = 0``, as
   ``torch.relu``'s backward).
@@ -80,12 +81,16 @@ def fused_spec(loss_fn: object, params: Mapping[str, Tensor]) -> MLPSpec:
     """
     why = "the fused backend runs hand-written kernels for make_mse_loss(mamlkit.mlp) only"
     if not isinstance(loss_fn, MSELoss):
-        raise ValueError(f"{why}; loss_fn is {getattr(loss_fn, '__qualname__', type(loss_fn).__name__)} "
-                         "(use backend='vmap' or 'compiled' for any other loss)")
+        raise ValueError(
+            f"{why}; loss_fn is {getattr(loss_fn, '__qualname__', type(loss_fn).__name__)} "
+            "(use backend='vmap' or 'compiled' for any other loss)"
+        )
     activation = _activation_of(loss_fn.model_fn)
     if activation is None:
-        raise ValueError(f"{why}; loss_fn.model_fn is not mamlkit.mlp (or partial(mlp, "
-                         "activation='relu'|'tanh')): use backend='vmap' or 'compiled'")
+        raise ValueError(
+            f"{why}; loss_fn.model_fn is not mamlkit.mlp (or partial(mlp, "
+            "activation='relu'|'tanh')): use backend='vmap' or 'compiled'"
+        )
     from ._models import mlp_layers
 
     n_layers = mlp_layers(dict(params))
@@ -98,6 +103,8 @@ def fused_data_shapes(spec: MLPSpec, x: Tensor, y: Tensor) -> tuple[Tensor, Tens
     """x (T, N, …, in) and y = x.shape[:-1] + (out,) as (T, M, in), (T, M, out); the errors are
     those ``mlp`` and ``MSELoss`` raise on the vmap path, for one task."""
     fan_in, fan_out = spec.sizes[0], spec.sizes[-1]
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor for mamlkit.mlp, got {x.dtype}")
     if x.shape[-1] != fan_in:
         raise ValueError(f"x must have shape (..., {fan_in}), got {tuple(x.shape[1:])}")
     expected = (*x.shape[1:-1], fan_out)
@@ -228,8 +235,9 @@ class Kernel:
         gw = [self.outer_sum(d, h) for d, h in zip(deltas, tape.hs)]
         return gw, [d.sum((0, 1)) for d in deltas]
 
-    def accumulate(self, base: Tensor, pairs: list[tuple[Tensor, Tensor]], alpha: float,
-                   reduce: bool) -> Tensor:
+    def accumulate(
+        self, base: Tensor, pairs: list[tuple[Tensor, Tensor]], alpha: float, reduce: bool
+    ) -> Tensor:
         """``base + α Σ_pairs Σ_n δᵀh`` per task, or summed over tasks too with ``reduce``.
 
         One product per pair, then the adds (measured compiled on the sinusoid network: stacking
@@ -243,12 +251,15 @@ class Kernel:
     def sgd_step(self, ws: Layers, bs: Layers, tape: _Tape, alpha: float) -> tuple[Layers, Layers]:
         """``θ + α·∇L/c`` per task from one tape: ``W_l + α Σ_n δ_lᵀh_l``, ``b_l + α Σ_n δ_l``
         (shared weights become per-task stacks)."""
-        new_w = [self.accumulate(w, [(d, h)], alpha, False) for w, d, h in zip(ws, tape.deltas, tape.hs)]
+        new_w = [
+            self.accumulate(w, [(d, h)], alpha, False) for w, d, h in zip(ws, tape.deltas, tape.hs)
+        ]
         new_b = [b + alpha * d.sum(1) for b, d in zip(bs, tape.deltas)]
         return new_w, new_b
 
-    def hvp_step(self, ws: Layers, tape: _Tape, vw: Layers, vb: Layers, alpha: float,
-                 reduce: bool) -> tuple[Layers, Layers]:
+    def hvp_step(
+        self, ws: Layers, tape: _Tape, vw: Layers, vb: Layers, alpha: float, reduce: bool
+    ) -> tuple[Layers, Layers]:
         """``v + α Ĥv`` per task (Ĥ = H/c, v per task), or ``Σ_t (v + α Ĥv)`` with ``reduce``."""
         hs, dacts, deltas = tape
         n = len(ws)
@@ -284,8 +295,10 @@ class Kernel:
 
 def _step(ws: Layers, bs: Layers, gw: Layers, gb: Layers, lr: float) -> tuple[Layers, Layers]:
     """θ − lr·g per layer (shared weights become per-task stacks by broadcasting)."""
-    return ([torch.add(w, g, alpha=-lr) for w, g in zip(ws, gw)],
-            [torch.add(b, g, alpha=-lr) for b, g in zip(bs, gb)])
+    return (
+        [torch.add(w, g, alpha=-lr) for w, g in zip(ws, gw)],
+        [torch.add(b, g, alpha=-lr) for b, g in zip(bs, gb)],
+    )
 
 
 class Problem(NamedTuple):
@@ -306,7 +319,13 @@ def _losses(residual: Tensor, reduction: str) -> Tensor:
 
 
 def _maml(
-    k: Kernel, spec: MLPSpec, ws: Layers, bs: Layers, p: Problem, lr: float, steps: int,
+    k: Kernel,
+    spec: MLPSpec,
+    ws: Layers,
+    bs: Layers,
+    p: Problem,
+    lr: float,
+    steps: int,
     first_order: bool,
 ) -> tuple[Layers, Layers, Tensor]:
     n_tasks = p.xs.shape[0]
@@ -359,8 +378,15 @@ def _pretrained(
 
 
 def _imaml(
-    k: Kernel, spec: MLPSpec, ws: Layers, bs: Layers, p: Problem, lr: float, steps: int,
-    lam: float, cg_steps: int,
+    k: Kernel,
+    spec: MLPSpec,
+    ws: Layers,
+    bs: Layers,
+    p: Problem,
+    lr: float,
+    steps: int,
+    lam: float,
+    cg_steps: int,
 ) -> tuple[Layers, Layers, Tensor]:
     c_s, c_q = _scale(spec.reduction, p.ys), _scale(spec.reduction, p.yq)
     theta_w, theta_b = ws, bs

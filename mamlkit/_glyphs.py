@@ -59,11 +59,27 @@ SPLITS: dict[str, tuple[str, ...]] = {
 """Scripts (the first word of a character's Unicode name) of each split."""
 SCRIPTS = tuple(s for names in SPLITS.values() for s in names)
 FACES = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-    "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf",
-    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
-    "DejaVuSansMono-BoldOblique.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf",
-    "STIXGeneralBolIta.ttf", "cmr10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmb10.ttf", "cmti10.ttf",
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf",
+    "cmr10.ttf",
+    "cmss10.ttf",
+    "cmtt10.ttf",
+    "cmb10.ttf",
+    "cmti10.ttf",
 )
 """The font faces (the "drawers"); the first is the regular rendering used for de-duplication."""
 DUPLICATE = 0.04
@@ -92,7 +108,9 @@ class GlyphBank(NamedTuple):
         if name not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {name!r}")
         wanted = set(SPLITS[name])
-        return torch.tensor([i for i, s in enumerate(self.scripts) if s in wanted], dtype=torch.long)
+        return torch.tensor(
+            [i for i, s in enumerate(self.scripts) if s in wanted], dtype=torch.long
+        )
 
 
 def _fonts_dir() -> Path:
@@ -123,8 +141,12 @@ def _fit(ink: Tensor) -> Tensor | None:
     h, w = crop.shape
     scale = 24 / max(h, w)
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    small = F.interpolate(crop[None, None], size=(new_h, new_w), mode="area" if scale < 1 else "bilinear",
-                          align_corners=None if scale < 1 else False)[0, 0]
+    small = F.interpolate(
+        crop[None, None],
+        size=(new_h, new_w),
+        mode="area" if scale < 1 else "bilinear",
+        align_corners=None if scale < 1 else False,
+    )[0, 0]
     canvas = torch.zeros(SIZE, SIZE)
     top, left = (SIZE - new_h) // 2, (SIZE - new_w) // 2
     canvas[top : top + new_h, left : left + new_w] = small
@@ -173,7 +195,9 @@ def _render_all() -> GlyphBank:
             if cp not in charmap or font.get_char_index(cp) == 0:
                 continue
             image = regular if index == 0 else _render(font, cp)
-            if image is None or (notdef[index] is not None and (image - notdef[index]).abs().mean() < 0.01):
+            if image is None or (
+                notdef[index] is not None and (image - notdef[index]).abs().mean() < 0.01
+            ):
                 continue
             renders.append((index, image))
         kept_regular.append(regular)
@@ -183,15 +207,22 @@ def _render_all() -> GlyphBank:
         starts.append(len(images))
         codepoints.append(cp)
         scripts.append(script)
-    return GlyphBank(torch.stack(images), torch.tensor(starts), torch.tensor(codepoints), tuple(scripts),
-                     torch.tensor(faces))
+    return GlyphBank(
+        torch.stack(images),
+        torch.tensor(starts),
+        torch.tensor(codepoints),
+        tuple(scripts),
+        torch.tensor(faces),
+    )
 
 
 def _cache_path() -> Path:
     import matplotlib
 
-    key = hashlib.sha256(f"{RENDER_VERSION}|{matplotlib.__version__}|{FACES}|{SPLITS}|{DUPLICATE}"
-                         f"|{unicodedata.unidata_version}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{RENDER_VERSION}|{matplotlib.__version__}|{FACES}|{SPLITS}|{DUPLICATE}"
+        f"|{unicodedata.unidata_version}".encode()
+    ).hexdigest()[:16]
     return cache_dir() / f"glyphs-{key}.pt"
 
 
@@ -201,13 +232,26 @@ def _bank_in_memory() -> GlyphBank:
     if path.is_file():
         try:
             record = torch.load(path, weights_only=True)
-            return GlyphBank(record["images"], record["char_start"], record["codepoints"],
-                             tuple(record["scripts"]), record["faces"])
+            return GlyphBank(
+                record["images"],
+                record["char_start"],
+                record["codepoints"],
+                tuple(record["scripts"]),
+                record["faces"],
+            )
         except Exception:  # a damaged cache is rebuilt, never trusted
             path.unlink(missing_ok=True)
     bank = _build()
-    save_torch(path, {"images": bank.images, "char_start": bank.char_start, "codepoints": bank.codepoints,
-                      "scripts": list(bank.scripts), "faces": bank.faces})
+    save_torch(
+        path,
+        {
+            "images": bank.images,
+            "char_start": bank.char_start,
+            "codepoints": bank.codepoints,
+            "scripts": list(bank.scripts),
+            "faces": bank.faces,
+        },
+    )
     return bank
 
 
@@ -245,8 +289,13 @@ def _distort(images: Tensor, generator: torch.Generator) -> Tensor:
     scale, shear = uniform(0.85, 1.1), uniform(-0.15, 0.15)
     shift_x, shift_y = uniform(-1, 1) * 2 / 14, uniform(-1, 1) * 2 / 14  # ±2 px of 28
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale  # output → input coordinates
-    theta = torch.stack([torch.stack([cos, -sin + shear * cos, shift_x], -1),
-                         torch.stack([sin, cos + shear * sin, shift_y], -1)], 1).to(images.dtype)
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin + shear * cos, shift_x], -1),
+            torch.stack([sin, cos + shear * sin, shift_y], -1),
+        ],
+        1,
+    ).to(images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -274,23 +323,37 @@ class GlyphFamily:
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {self.split!r}")
 
-    def __call__(self, num_tasks: int, *, generator: torch.Generator, dtype: torch.dtype | None = None) -> GlyphTasks:
+    def __call__(
+        self, num_tasks: int, *, generator: torch.Generator, dtype: torch.dtype | None = None
+    ) -> GlyphTasks:
         num_tasks = check_positive_int(num_tasks, "num_tasks")
         dtype = dtype or torch.get_default_dtype()
         bank = glyph_bank()
         chars = bank.split(self.split)
         if self.ways > chars.numel():
-            raise ValueError(f"ways={self.ways} exceeds the {chars.numel()} characters of split {self.split!r}")
-        # draw order (fixed): classes (T, N), labels' order (T, N), renderings (T, N, K+Q), distortions
-        classes = torch.argsort(torch.rand(num_tasks, chars.numel(), generator=generator), 1)[:, : self.ways]
+            raise ValueError(
+                f"ways={self.ways} exceeds the {chars.numel()} characters of split {self.split!r}"
+            )
+        # draw order (fixed): classes (T, N), labels' order (T, N), renderings (T, N, K+Q),
+        # distortions
+        classes = torch.argsort(torch.rand(num_tasks, chars.numel(), generator=generator), 1)[
+            :, : self.ways
+        ]
         classes = chars[classes]
         per = self.shots + self.queries
-        start, count = bank.char_start[classes], bank.char_start[classes + 1] - bank.char_start[classes]
-        pick = (torch.rand(num_tasks, self.ways, per, generator=generator) * count.unsqueeze(-1)).long()
+        start, count = (
+            bank.char_start[classes],
+            bank.char_start[classes + 1] - bank.char_start[classes],
+        )
+        pick = (
+            torch.rand(num_tasks, self.ways, per, generator=generator) * count.unsqueeze(-1)
+        ).long()
         index = start.unsqueeze(-1) + pick  # (T, N, K+Q) renderings
         images = bank.images[index.reshape(-1)].to(dtype).div_(255).unsqueeze(1)
         images = _distort(images, generator).reshape(num_tasks, self.ways, per, 1, SIZE, SIZE)
-        labels = torch.arange(self.ways).expand(num_tasks, self.ways).unsqueeze(-1).expand(-1, -1, per)
+        labels = (
+            torch.arange(self.ways).expand(num_tasks, self.ways).unsqueeze(-1).expand(-1, -1, per)
+        )
 
         def part(sl: slice) -> tuple[Tensor, Tensor]:
             x = images[:, :, sl].reshape(num_tasks, -1, 1, SIZE, SIZE).contiguous()
@@ -318,8 +381,11 @@ def conv_net(ways: int = 5, channels: int = 32, seed: int = 0) -> torch.nn.Modul
         layers: list[torch.nn.Module] = []
         inputs = 1
         for _ in range(4):
-            layers += [torch.nn.Conv2d(inputs, channels, 3, stride=2, padding=1),
-                       torch.nn.BatchNorm2d(channels), torch.nn.ReLU()]
+            layers += [
+                torch.nn.Conv2d(inputs, channels, 3, stride=2, padding=1),
+                torch.nn.BatchNorm2d(channels),
+                torch.nn.ReLU(),
+            ]
             inputs = channels
         net = torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(4 * channels, ways))
     finally:

@@ -28,7 +28,7 @@ from torch import Tensor
 from ._backends import Backend, GradRunner, Problem, resolve
 from ._checks import (
     check_finite,
-    check_meta_batch,
+    check_meta_task,
     check_params,
     checked_loss,
     reference_tensor,
@@ -47,40 +47,72 @@ class Plan:
     for (:func:`plan_meta_batch` checks them; the caller keeps that promise).
     """
 
-    __slots__ = ("backend", "problem", "run")
+    __slots__ = ("backend", "problem", "run", "targets")
 
     def __init__(self, problem: Problem, backend: Backend) -> None:
         self.problem, self.backend = problem, backend
         self.run: GradRunner = backend.build(problem)
+        self.targets = callable(getattr(problem.loss_fn, "check_targets", None))
+
+    def check_targets(self, params: Params, support: Batch, query: Batch) -> None:
+        """The loss's check of this meta-batch's targets (class labels: their values change from
+        call to call, so a cached plan checks them every time)."""
+        if self.targets:
+            check_meta_task(self.problem.loss_fn, dict(params), support, query)
 
     def __call__(self, params: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
         return self.run(params, support, query)
 
     def __repr__(self) -> str:
         p = self.problem
-        return (f"Plan(method={p.method.name!r}, backend={self.backend.name!r}, lr={p.lr}, "
-                f"steps={p.steps}, hypers={dict(p.hypers)})")
+        return (
+            f"Plan(method={p.method.name!r}, backend={self.backend.name!r}, lr={p.lr}, "
+            f"steps={p.steps}, hypers={dict(p.hypers)})"
+        )
 
 
 def _stand_in(t: Tensor) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
-def check_problem(method: object, loss_fn: object, params: object, support: object, query: object,
-                  *, lr: object, steps: object, hypers: Mapping[str, Any] | None) -> Problem:
-    """Check every input once; the :class:`Problem` they make."""
+def check_problem(
+    method: object,
+    loss_fn: object,
+    params: object,
+    support: object,
+    query: object,
+    *,
+    lr: object,
+    steps: object,
+    hypers: Mapping[str, Any] | None,
+) -> Problem:
+    """Check every input once; the :class:`Problem` they make.
+
+    The loss is evaluated once here, on the first task's support set, under the guard of
+    :func:`mamlkit._checks.exact_passes` (a loss that draws random numbers, or returns no
+    floating-point scalar, is refused now); the plan's runners then evaluate it unguarded."""
     entry = get_method(method)
-    loss = checked_loss(loss_fn)
+    guarded = checked_loss(loss_fn)
     checked = check_params(params)
     like = reference_tensor(checked)
-    support, query = check_meta_batch(support, query, like)
+    support, query = check_meta_task(loss_fn, checked, support, query)
     lr = check_finite(lr, "lr")
     steps = entry.check_steps(steps)
     resolved = entry.resolve(hypers or {})
-    return Problem(entry, resolved, loss_fn, loss, lr, steps,
-                   {k: _stand_in(v) for k, v in checked.items()},
-                   (_stand_in(support[0]), _stand_in(support[1])),
-                   (_stand_in(query[0]), _stand_in(query[1])), like.device)
+    with torch.no_grad():
+        guarded(checked, (support[0][0], support[1][0]))
+    return Problem(
+        entry,
+        resolved,
+        loss_fn,
+        checked_loss(loss_fn, guard=False),
+        lr,
+        steps,
+        {k: _stand_in(v) for k, v in checked.items()},
+        (_stand_in(support[0]), _stand_in(support[1])),
+        (_stand_in(query[0]), _stand_in(query[1])),
+        like.device,
+    )
 
 
 def plan_meta_batch(
@@ -105,8 +137,9 @@ def plan_meta_batch(
         key = _key(method, loss_fn, params, support, query, lr, steps, backend, hypers, order)
         plan = _PLANS[key]
     except (KeyError, TypeError, AttributeError, ValueError):
-        problem = check_problem(method, loss_fn, params, support, query, lr=lr, steps=steps,
-                                hypers=hypers)
+        problem = check_problem(
+            method, loss_fn, params, support, query, lr=lr, steps=steps, hypers=hypers
+        )
         plan = Plan(problem, resolve(backend, problem, order))
         key = _key(method, loss_fn, params, support, query, lr, steps, backend, hypers, order)
         _PLANS[key] = plan
@@ -126,13 +159,31 @@ def _tensors(tree: Any) -> tuple[Any, ...]:
 
 def _data(pair: Any) -> tuple[Any, ...]:
     x, y = pair
-    return (pair.__class__, x.__class__, x.shape, x.dtype, x.device,
-            y.__class__, y.shape, y.dtype, y.device)
+    return (
+        pair.__class__,
+        x.__class__,
+        x.shape,
+        x.dtype,
+        x.device,
+        y.__class__,
+        y.shape,
+        y.dtype,
+        y.device,
+    )
 
 
-def _key(method: object, loss_fn: object, params: Any, support: Any, query: Any, lr: object,
-         steps: object, backend: object, hypers: Mapping[str, Any] | None,
-         order: object) -> tuple[Any, ...]:
+def _key(
+    method: object,
+    loss_fn: object,
+    params: Any,
+    support: Any,
+    query: Any,
+    lr: object,
+    steps: object,
+    backend: object,
+    hypers: Mapping[str, Any] | None,
+    order: object,
+) -> tuple[Any, ...]:
     """Everything the checks and the backend choice depend on (raises for inputs that are not
     dicts of tensors and pairs of tensors: those go to the full checks)."""
     try:
@@ -140,9 +191,21 @@ def _key(method: object, loss_fn: object, params: Any, support: Any, query: Any,
         loss_key: object = loss_fn
     except TypeError:  # an unhashable callable: keyed by identity (the plan keeps it alive)
         loss_key = ("id", id(loss_fn))
-    return (get_method(method), loss_key, lr.__class__, lr, steps.__class__, steps, backend, order,
-            params.__class__, _tensors(params), _data(support), _data(query),
-            tuple((k, v.__class__, v) for k, v in sorted(hypers.items())) if hypers else ())
+    return (
+        get_method(method),
+        loss_key,
+        lr.__class__,
+        lr,
+        steps.__class__,
+        steps,
+        backend,
+        order,
+        params.__class__,
+        _tensors(params),
+        _data(support),
+        _data(query),
+        tuple((k, v.__class__, v) for k, v in sorted(hypers.items())) if hypers else (),
+    )
 
 
 def meta_batch_grad(
@@ -203,12 +266,15 @@ def meta_batch_grad(
     Example:
         >>> L = lambda p, b: ((b[0] * p["w"] - b[1]) ** 2).mean()
         >>> xs = torch.ones(3, 2, 1); ys = torch.zeros(3, 2, 1)
-        >>> g, losses = meta_batch_grad("maml", L, {"w": torch.tensor(1.0)}, (xs, ys), (xs, ys), lr=0.1)
+        >>> theta = {"w": torch.tensor(1.0)}
+        >>> g, losses = meta_batch_grad("maml", L, theta, (xs, ys), (xs, ys), lr=0.1)
         >>> g["w"], losses                      # θ′ = 0.8, g = (1 − 0.2)·2·0.8
         (tensor(1.2800), tensor([0.6400, 0.6400, 0.6400]))
     """
-    plan = plan_meta_batch(method, loss_fn, params, support, query, lr=lr, steps=steps,
-                           backend=backend, hypers=hypers)
+    plan = plan_meta_batch(
+        method, loss_fn, params, support, query, lr=lr, steps=steps, backend=backend, hypers=hypers
+    )
+    plan.check_targets(params, support, query)  # type: ignore[arg-type]
     return plan.run(params, support, query)  # type: ignore[arg-type]
 
 

@@ -23,13 +23,12 @@ from torch import Tensor
 from torch.func import grad
 
 from ._checks import (
-    check_batch,
     check_bool,
     check_finite,
     check_int,
     check_params,
+    check_task,
     checked_loss,
-    reference_tensor,
 )
 from ._curvature import _hessian, _hvp
 from ._params import (
@@ -76,8 +75,10 @@ def _checked(
     steps: int,
 ) -> tuple[LossFn, Params, Batch, Batch, float, int]:
     """The door of every two-batch engine: the query is required and checked like the support."""
-    loss, params, support, lr, steps = _checked_single(loss_fn, params, support, lr, steps, "support")
-    return loss, params, support, check_batch(query, "query", reference_tensor(params)), lr, steps
+    loss, params, support, lr, steps = _checked_single(
+        loss_fn, params, support, lr, steps, "support"
+    )
+    return loss, params, support, check_task(loss_fn, params, query, "query"), lr, steps
 
 
 def _checked_single(
@@ -85,7 +86,7 @@ def _checked_single(
 ) -> tuple[LossFn, Params, Batch, float, int]:
     loss = checked_loss(loss_fn)
     params = check_params(params)
-    batch = check_batch(batch, name, reference_tensor(params))
+    batch = check_task(loss_fn, params, batch, name)
     return loss, params, batch, check_finite(lr, "lr"), check_int(steps, "steps")
 
 
@@ -220,7 +221,8 @@ def inner_jacobian(
 
     Example:
         >>> L = lambda p, b: 0.5 * (p["w"] ** 2).sum()             # H = I
-        >>> inner_jacobian(L, {"w": torch.zeros(2)}, (torch.zeros(1), torch.zeros(1)), lr=0.5, steps=2)
+        >>> batch = (torch.zeros(1), torch.zeros(1))
+        >>> inner_jacobian(L, {"w": torch.zeros(2)}, batch, lr=0.5, steps=2)
         tensor([[0.2500, 0.0000],
                 [0.0000, 0.2500]])
     """

@@ -73,7 +73,9 @@ class Adaptation(NamedTuple):
 
 def sgd_adaptation(loss: LossFn, lr: float, **hypers: Any) -> Adaptation:
     """Plain SGD from θ: ``θ_{j+1} = θ_j − α∇L_S(θ_j)`` (the paper's test-time fine-tuning)."""
-    return Adaptation(dict, lambda meta, theta, support, j: _sgd_step(loss, theta, support, lr, False))
+    return Adaptation(
+        dict, lambda meta, theta, support, j: _sgd_step(loss, theta, support, lr, False)
+    )
 
 
 def same_parameters(params: Params, **hypers: Any) -> Params:
@@ -293,8 +295,14 @@ for _entry in (
     Method("maml", "exact second-order MAML", _maml, second_order=True),
     Method("fomaml", "first-order MAML (inner Jacobians set to I)", _fomaml),
     Method("reptile", "Reptile: (θ − θ_k)/α", _reptile_rule, min_steps=1),
-    Method("imaml", "implicit MAML (CG on Hessian-vector products)", _imaml_rule, (_LAM, _CG),
-           min_steps=1, second_order=True),
+    Method(
+        "imaml",
+        "implicit MAML (CG on Hessian-vector products)",
+        _imaml_rule,
+        (_LAM, _CG),
+        min_steps=1,
+        second_order=True,
+    ),
     Method("pretrained", "joint training on S ∪ Q (no inner loop; a baseline)", _pretrained),
 ):
     register_method(_entry)

@@ -85,6 +85,8 @@ def mlp(params: Params, x: Tensor, activation: Activation = "relu") -> Tensor:
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
     n_layers = mlp_layers(params)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor for mamlkit.mlp, got {x.dtype}")
     if x.ndim == 0 or x.shape[-1] != params["w0"].shape[1]:
         raise ValueError(f"x must have shape (..., {params['w0'].shape[1]}), got {tuple(x.shape)}")
     act = _ACTIVATIONS[activation]
@@ -120,7 +122,8 @@ def mlp_layers(params: Params) -> int:
 
 @dataclass(frozen=True)
 class MSELoss:
-    """A squared-error ``loss_fn(params, (x, y))`` built from ``model_fn``; see :func:`make_mse_loss`.
+    """A squared-error ``loss_fn(params, (x, y))`` built from ``model_fn`` (see
+    :func:`make_mse_loss`).
 
     Its fields stay inspectable: ``meta_batch_grad(..., backend="fused")`` checks that
     ``model_fn`` is :func:`mlp` before it runs the hand-written MLP kernels.
@@ -131,9 +134,9 @@ class MSELoss:
 
     def __call__(self, params: Params, batch: Batch) -> Tensor:
         x, y = batch
+        prediction = self.model_fn(params, x)  # the model's own errors about x come first
         if not y.is_floating_point():
             raise TypeError(f"y must be a floating-point tensor for a squared error, got {y.dtype}")
-        prediction = self.model_fn(params, x)
         if prediction.shape != y.shape:
             raise ValueError(
                 f"y must have the shape of the model's prediction {tuple(prediction.shape)}, "
@@ -145,6 +148,11 @@ class MSELoss:
         return squared.sum() if self.reduction == "sum" else 0.5 * squared.sum()
 
 
+def _check_label_dtype(y: Tensor, name: str) -> None:
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of class labels, got {y.dtype}")
+
+
 @dataclass(frozen=True)
 class CrossEntropyLoss:
     """The mean softmax cross-entropy ``loss_fn(params, (x, y))`` of ``model_fn``'s logits over
@@ -153,19 +161,38 @@ class CrossEntropyLoss:
     model_fn: ModelFn
 
     def logits(self, params: Params, x: Tensor) -> Tensor:
+        """The model's (N, classes) logits."""
         return self.model_fn(params, x)
 
     def __call__(self, params: Params, batch: Batch) -> Tensor:
         x, y = batch
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise TypeError(f"y must be an integer tensor of class labels, got {y.dtype}")
+        _check_label_dtype(y, "y")
         logits = self.model_fn(params, x)
         if logits.ndim != 2 or y.shape != logits.shape[:1]:
             raise ValueError(
                 f"the model must return (N, classes) logits and y must be (N,) labels, got logits "
                 f"{tuple(logits.shape)} and y {tuple(y.shape)}"
             )
-        return torch.nn.functional.cross_entropy(logits, y)
+        return torch.nn.functional.cross_entropy(logits, y.long())
+
+    def check_targets(self, params: Params, x: Tensor, y: Tensor, name: str) -> None:
+        """Labels in 0 … C − 1, C the number of logits the model returns for one row of ``x``
+        (one task's inputs): checked on concrete tensors at the door of every engine, since
+        inside ``vmap`` values cannot be inspected and torch would drop a label of −100 (its
+        ``ignore_index``) silently or fail with an index error on one past the last class."""
+        _check_label_dtype(y, name)
+        if y.numel() == 0:
+            return
+        with torch.no_grad():
+            classes = self.model_fn(params, x[:1]).shape[-1]
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= classes:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"{name} must be class labels in 0 … {classes - 1} (the model returns {classes} "
+                f"logits), got {bad}"
+                + (" (torch's ignore_index: every point must count here)" if bad == -100 else "")
+            )
 
     def accuracy(self, params: Params, batch: Batch) -> Tensor:
         """The fraction of rows whose largest logit is the label (a 0-d tensor)."""
@@ -178,11 +205,14 @@ def make_cross_entropy_loss(model_fn: ModelFn) -> CrossEntropyLoss:
     ``loss_fn(params, (x, y)) = −(1/N) Σ_n log softmax(z_n)[y_n]`` with integer labels ``y`` (N,).
 
     Integer labels are never cast to float anywhere in mamlkit (meta-batches, training,
-    evaluation); ``mamlkit.train.evaluate`` also reports accuracy for this loss.
+    evaluation); any integer dtype works (``int32`` and ``uint8`` labels are read as ``int64``).
+    Every engine checks at its door that the labels lie in 0 … C − 1 (torch's ``ignore_index``
+    of −100 is refused, not dropped). ``mamlkit.train.evaluate`` also reports accuracy.
 
     Example:
         >>> loss = make_cross_entropy_loss(lambda p, x: x @ p["w"])
-        >>> round(loss({"w": torch.zeros(2, 3)}, (torch.ones(4, 2), torch.tensor([0, 1, 2, 0]))).item(), 4)
+        >>> batch = (torch.ones(4, 2), torch.tensor([0, 1, 2, 0]))
+        >>> round(loss({"w": torch.zeros(2, 3)}, batch).item(), 4)
         1.0986
     """
     if not callable(model_fn):

@@ -5,6 +5,18 @@ function ``model_fn(params, x)`` that runs the module's forward with *those* par
 (``torch.func.functional_call``), so every engine — ``maml_grad``, ``hvp``, ``meta_batch_grad``
 on every backend, ``meta_train`` — differentiates through the module as through a formula.
 
+``params`` are views of the module's parameters: the same storage, no autograd history. So a
+``torch.optim`` optimizer stepping ``module.parameters()`` moves the point where the next
+meta-gradient is taken — the loop of the README trains the module — while mamlkit itself never
+writes to them. (``module.to(...)`` makes new tensors: call ``from_module`` again after it.)
+
+``model_fn`` runs the module in the training mode it had when ``from_module`` was called. A
+forward that draws random numbers — ``nn.Dropout(p > 0)`` in training mode, ``F.dropout`` with
+``training=True`` — is refused when the loss runs (every engine evaluates losses under
+:func:`mamlkit._checks.exact_passes`), as is any other random operation: a meta-gradient needs the
+same function in its inner and outer passes. Attention runs with the math kernel, whose second
+derivative torch implements on every device.
+
 BatchNorm is the one layer whose forward has state (its running statistics). The MAML reference
 code normalises with the statistics of the batch at hand, in the inner loop and at query time;
 ``batch_norm="batch"`` (the default) does the same and never reads or writes the running
@@ -31,7 +43,14 @@ from ._params import Params
 
 BatchNormMode = Literal["batch", "running"]
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_DROPOUTS = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,7 +112,9 @@ def _replace_norms(module: nn.Module, stats: str) -> None:
             _replace_norms(child, stats)
 
 
-def from_module(module: nn.Module, *, batch_norm: BatchNormMode = "batch") -> tuple[Params, ModuleFn]:
+def from_module(
+    module: nn.Module, *, batch_norm: BatchNormMode = "batch"
+) -> tuple[Params, ModuleFn]:
     r"""``(params, model_fn)`` of a ``torch.nn.Module``, for every mamlkit engine.
 
     Args:
@@ -104,18 +125,21 @@ def from_module(module: nn.Module, *, batch_norm: BatchNormMode = "batch") -> tu
             module docstring); ``"running"``: the stored running statistics, frozen.
 
     Returns:
-        ``params``: the parameters in ``named_parameters()`` order, equal values, new detached
-        tensors; ``model_fn``: a :class:`ModuleFn`, ``model_fn(params, x)`` = the module's forward.
+        ``params``: the parameters in ``named_parameters()`` order, detached views of the
+        module's own tensors (an optimizer stepping the module moves them; mamlkit never writes
+        them); ``model_fn``: a :class:`ModuleFn`, ``model_fn(params, x)`` = the module's forward
+        in its training mode.
 
     Raises:
         TypeError: ``module`` is not an ``nn.Module``.
-        ValueError: an unknown ``batch_norm``; a module without parameters; dropout (its random
-            masks would differ between the inner and outer passes of a meta-gradient); a
-            ``"running"`` BatchNorm without running statistics; buffers outside BatchNorm
-            layers (state mamlkit would not carry).
+        ValueError: an unknown ``batch_norm``; a module without parameters; dropout with p > 0
+            in training mode (its random masks would differ between the inner and outer passes
+            of a meta-gradient); a ``"running"`` BatchNorm without running statistics; buffers
+            outside BatchNorm layers (state mamlkit would not carry).
 
     Example:
-        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 1))
+        >>> nn = torch.nn
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 1))
         >>> params, model_fn = from_module(net)
         >>> list(params), model_fn(params, torch.ones(4, 2)).shape
         (['0.weight', '0.bias', '1.weight', '1.bias', '2.weight', '2.bias'], torch.Size([4, 1]))
@@ -125,25 +149,36 @@ def from_module(module: nn.Module, *, batch_norm: BatchNormMode = "batch") -> tu
     if batch_norm not in ("batch", "running"):
         raise ValueError(f"batch_norm must be 'batch' or 'running', got {batch_norm!r}")
     for name, sub in module.named_modules():
-        if isinstance(sub, _DROPOUTS) and getattr(sub, "p", 0) > 0:
-            raise ValueError(f"module {name or type(module).__name__!r} is {type(sub).__name__}(p={sub.p}): "
-                             "from_module does not support dropout (its random masks would differ "
-                             "between the passes of a meta-gradient); use p=0 or remove it")
-    norm_buffers = {f"{name}.{b}" if name else b for name, sub in module.named_modules()
-                    if isinstance(sub, _BATCH_NORMS) for b, _ in sub.named_buffers(recurse=False)}
+        if isinstance(sub, _DROPOUTS) and sub.training and getattr(sub, "p", 0) > 0:
+            raise ValueError(
+                f"module {name or type(module).__name__!r} is {type(sub).__name__}(p={sub.p}) in "
+                "training mode: a meta-gradient needs the same function in its inner and outer "
+                "passes, and dropout draws new masks in each; call module.eval(), set p=0, or "
+                "remove it"
+            )
+    norm_buffers = {
+        f"{name}.{b}" if name else b
+        for name, sub in module.named_modules()
+        if isinstance(sub, _BATCH_NORMS)
+        for b, _ in sub.named_buffers(recurse=False)
+    }
     others = [name for name, _ in module.named_buffers() if name not in norm_buffers]
     if others:
-        raise ValueError(f"module has buffers outside BatchNorm layers {others[:4]}: from_module "
-                         "carries parameters only; make them parameters or constants")
-    params = {name: p.detach().clone() for name, p in module.named_parameters()}
+        raise ValueError(
+            f"module has buffers outside BatchNorm layers {others[:4]}: from_module "
+            "carries parameters only; make them parameters or constants"
+        )
+    params = {name: p.detach() for name, p in module.named_parameters()}
     if not params:
         raise ValueError("module has no parameters")
     if batch_norm == "running":
         for name, sub in module.named_modules():
             if isinstance(sub, _BATCH_NORMS) and sub.running_mean is None:
-                raise ValueError(f"BatchNorm {name!r} keeps no running statistics "
-                                 "(track_running_stats=False): use batch_norm='batch'")
-    clone = copy.deepcopy(module).eval()
+                raise ValueError(
+                    f"BatchNorm {name!r} keeps no running statistics "
+                    "(track_running_stats=False): use batch_norm='batch'"
+                )
+    clone = copy.deepcopy(module)  # in the module's own training mode
     _replace_norms(clone, batch_norm)
     buffers = {name: b for name, b in clone.named_buffers()}
     for p in clone.parameters():
@@ -152,4 +187,3 @@ def from_module(module: nn.Module, *, batch_norm: BatchNormMode = "batch") -> tu
 
 
 __all__ = ["ModuleFn", "from_module"]
-

@@ -22,8 +22,10 @@ def threads_from_environment() -> int | None:
             continue
         first = raw.split(",")[0].strip() if name == "OMP_NUM_THREADS" else raw
         if not first.isdigit() or int(first) < 1:
-            raise ValueError(f"{name} must be a positive integer"
-                             f"{' (or a list of them)' if name == 'OMP_NUM_THREADS' else ''}, got {raw!r}")
+            raise ValueError(
+                f"{name} must be a positive integer"
+                f"{' (or a list of them)' if name == 'OMP_NUM_THREADS' else ''}, got {raw!r}"
+            )
         return int(first)
     return None
 

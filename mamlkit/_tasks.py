@@ -166,7 +166,8 @@ def sample_sinusoid_tasks(
         :class:`SinusoidTasks` with tensors of shape (T, K, 1) and (T,).
 
     Example:
-        >>> tasks = sample_sinusoid_tasks(4, k_support=5, generator=torch.Generator().manual_seed(0))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> tasks = sample_sinusoid_tasks(4, k_support=5, generator=g)
         >>> tuple(tasks.support[0].shape), tuple(tasks.query[1].shape), tuple(tasks.amplitude.shape)
         ((4, 5, 1), (4, 5, 1), (4,))
     """
@@ -300,7 +301,8 @@ def quadratic_hessian(params: Mapping[str, Tensor], batch: Batch) -> Tensor:
     """The closed-form (2, 2) Hessian ``∇²f = ½(C + Cᵀ)`` (= C in this family), constant in x.
 
     Example:
-        >>> quadratic_hessian({"x": torch.zeros(2)}, (quadratic_matrix(1.0, 0.5, 2.0), torch.zeros(2)))
+        >>> task = (quadratic_matrix(1.0, 0.5, 2.0), torch.zeros(2))
+        >>> quadratic_hessian({"x": torch.zeros(2)}, task)
         tensor([[1.0000, 0.5000],
                 [0.5000, 2.0000]])
     """

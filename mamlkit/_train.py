@@ -103,7 +103,9 @@ class TrainConfig:
         if self.max_grad_norm is not None:
             checked["max_grad_norm"] = check_positive(self.max_grad_norm, "max_grad_norm")
         if self.checkpoint_every is not None:
-            checked["checkpoint_every"] = check_positive_int(self.checkpoint_every, "checkpoint_every")
+            checked["checkpoint_every"] = check_positive_int(
+                self.checkpoint_every, "checkpoint_every"
+            )
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 
@@ -139,9 +141,15 @@ class TrainingInterrupted(Exception):
 
     def __init__(self, signum: int, iteration: int, checkpoint: Path | None, result: TrainResult):
         where = f"; checkpoint {checkpoint}" if checkpoint else ""
-        super().__init__(f"interrupted by {signal.Signals(signum).name} after iteration "
-                         f"{iteration}{where}")
-        self.signum, self.iteration, self.checkpoint, self.result = signum, iteration, checkpoint, result
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name} after iteration {iteration}{where}"
+        )
+        self.signum, self.iteration, self.checkpoint, self.result = (
+            signum,
+            iteration,
+            checkpoint,
+            result,
+        )
 
 
 class TrainingDiverged(FloatingPointError):
@@ -202,8 +210,14 @@ class TaskStream:
     """The run's meta-batches: drawn ``chunk`` iterations at a time from one seeded generator,
     on the parameters' device (tensors moved, never cast)."""
 
-    def __init__(self, sample_tasks: Callable[..., Any], meta_batch_size: int, seed: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        sample_tasks: Callable[..., Any],
+        meta_batch_size: int,
+        seed: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self.sample_tasks, self.meta_batch_size = sample_tasks, meta_batch_size
         self.dtype, self.device = dtype, device
         self.generator = torch.Generator().manual_seed(seed)
@@ -215,20 +229,42 @@ class TaskStream:
     def _chunk_size(self) -> int:
         """Iterations per draw, from the size of one meta-batch (probed with a private
         generator, so the run's task stream is untouched)."""
-        probe = self.sample_tasks(self.meta_batch_size, generator=torch.Generator().manual_seed(0),
-                                  dtype=self.dtype)
-        numbers = sum(t.numel() for t in (*probe.support, *probe.query))
+        support, query = self._draw(self.meta_batch_size, torch.Generator().manual_seed(0))
+        numbers = sum(t.numel() for t in (*support, *query))
         return max(1, min(100, SAMPLE_BUDGET // max(1, numbers)))
 
     def batch(self, iteration: int, fresh: bool) -> tuple[Batch, Batch]:
         """The meta-batch of ``iteration`` (``fresh``: draw its chunk now, as after a resume)."""
         if fresh or iteration % self.chunk == 0:
             self._before_drawn = self.generator.get_state()
-            tasks = self.sample_tasks(self.meta_batch_size * self.chunk, generator=self.generator,
-                                      dtype=self.dtype)
-            self._batches = list(zip(self._split(tasks.support), self._split(tasks.query)))
+            support, query = self._draw(self.meta_batch_size * self.chunk, self.generator)
+            self._batches = list(zip(self._split(support), self._split(query)))
             self._drawn = iteration // self.chunk
         return self._batches[iteration % self.chunk]
+
+    def _draw(self, num_tasks: int, generator: torch.Generator) -> tuple[Batch, Batch]:
+        """One call of the sampler: ``(support, query)``, from an object with ``.support`` and
+        ``.query`` or from a pair of ``(x, y)`` pairs."""
+        tasks = self.sample_tasks(num_tasks, generator=generator, dtype=self.dtype)
+        pair = (tasks.support, tasks.query) if hasattr(tasks, "support") else tasks
+        if not (
+            isinstance(pair, (tuple, list))
+            and len(pair) == 2
+            and all(isinstance(b, (tuple, list)) and len(b) == 2 for b in pair)
+            and all(isinstance(t, Tensor) and t.ndim > 0 for b in pair for t in b)
+        ):
+            raise TypeError(
+                "sample_tasks must return an object with .support and .query, or a pair "
+                "(support, query), each an (x, y) pair of tensors batched as (tasks, points, …); "
+                f"got {type(tasks).__name__}"
+            )
+        (xs, ys), (xq, yq) = pair
+        if any(t.shape[0] != num_tasks for t in (xs, ys, xq, yq)):
+            raise ValueError(
+                f"sample_tasks({num_tasks}, ...) must return {num_tasks} tasks along dim 0, got "
+                f"shapes {[tuple(t.shape) for t in (xs, ys, xq, yq)]}"
+            )
+        return (xs, ys), (xq, yq)
 
     def _split(self, pair: Any) -> list[Batch]:
         n, t = self.chunk, self.meta_batch_size
@@ -255,8 +291,9 @@ class TrainState(NamedTuple):
 def _dict_step(plan: Plan, optimizer: Adam, max_grad_norm: float | None) -> StepRunner:
     """Gradient, optional clip and Adam as three steps (any backend)."""
 
-    def step(params: Params, state: AdamState, support: Batch, query: Batch,
-             lr: float) -> tuple[Params, AdamState, Tensor]:
+    def step(
+        params: Params, state: AdamState, support: Batch, query: Batch, lr: float
+    ) -> tuple[Params, AdamState, Tensor]:
         grads, losses = plan.run(params, support, query)
         if max_grad_norm is not None:
             grads = _clip_global_norm(grads, max_grad_norm)
@@ -269,12 +306,20 @@ def _dict_step(plan: Plan, optimizer: Adam, max_grad_norm: float | None) -> Step
 class _Run:
     """One training session: its record, state, task stream and checkpoint folder."""
 
-    def __init__(self, config: TrainConfig, loss_fn: LossFn, params: Params, sample_tasks: Any,
-                 folder: Path | None, resume: bool) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        loss_fn: LossFn,
+        params: Params,
+        sample_tasks: Any,
+        folder: Path | None,
+        resume: bool,
+    ) -> None:
         self.config, self.loss_fn, self.folder = config, loss_fn, folder
         like = reference_tensor(params)
-        self.tasks = TaskStream(sample_tasks, config.meta_batch_size, config.seed, like.dtype,
-                                like.device)
+        self.tasks = TaskStream(
+            sample_tasks, config.meta_batch_size, config.seed, like.dtype, like.device
+        )
         self.order = config.backend_order()
         self.record = _record(config, loss_fn, params, sample_tasks, self.tasks.chunk)
         self.state = TrainState(params, config.optimizer.init(params), 0)
@@ -291,11 +336,16 @@ class _Run:
     def _resume(self, saved: Checkpoint, device: torch.device) -> None:
         _check_same_run(saved.config, self.record, checkpoint_path(self.folder))  # type: ignore[arg-type]
         if saved.iteration > self.config.iterations:
-            raise ValueError(f"the checkpoint in {str(self.folder)!r} is at iteration "
-                             f"{saved.iteration}, past iterations={self.config.iterations}")
+            raise ValueError(
+                f"the checkpoint in {str(self.folder)!r} is at iteration "
+                f"{saved.iteration}, past iterations={self.config.iterations}"
+            )
         move = {k: v.to(device) for k, v in saved.params.items()}
-        adam = AdamState(saved.adam.step, {k: v.to(device) for k, v in saved.adam.m.items()},
-                         {k: v.to(device) for k, v in saved.adam.v.items()})
+        adam = AdamState(
+            saved.adam.step,
+            {k: v.to(device) for k, v in saved.adam.m.items()},
+            {k: v.to(device) for k, v in saved.adam.v.items()},
+        )
         self.state = TrainState(move, adam, saved.iteration)
         if saved.config.get("backend") in BACKENDS:  # the same backend: bit-identical numbers
             self.order = (saved.config["backend"],)
@@ -306,28 +356,43 @@ class _Run:
     def step(self, fresh: bool) -> float:
         """One meta-iteration; returns its meta-loss (the state moves on only when finite)."""
         support, query = self.tasks.batch(self.state.iteration, fresh)
-        runner = self._runner(support, query)
-        params, opt, losses = runner(self.state.params, self.state.optimizer, support, query,
-                                     self.config.meta_lr)
+        plan, runner = self._runner(support, query)
+        plan.check_targets(self.state.params, support, query)
+        params, opt, losses = runner(
+            self.state.params, self.state.optimizer, support, query, self.config.meta_lr
+        )
         value = losses.mean().item()
         if math.isfinite(value):
             self.values.append(value)
             self.state = TrainState(params, opt, self.state.iteration + 1)
         return value
 
-    def _runner(self, support: Batch, query: Batch) -> StepRunner:
-        """The step runner of this meta-batch's plan (made once per plan)."""
+    def _runner(self, support: Batch, query: Batch) -> tuple[Plan, StepRunner]:
+        """This meta-batch's plan and its step runner (made once per plan)."""
         c = self.config
-        plan = plan_meta_batch(c.method, self.loss_fn, self.state.params, support, query, lr=c.lr,
-                               steps=c.steps, backend=c.backend, hypers=c.hypers, order=self.order)
+        plan = plan_meta_batch(
+            c.method,
+            self.loss_fn,
+            self.state.params,
+            support,
+            query,
+            lr=c.lr,
+            steps=c.steps,
+            backend=c.backend,
+            hypers=c.hypers,
+            order=self.order,
+        )
         found = self._steps.get(id(plan))
         if found is None or found[0] is not plan:
             build = plan.backend.build_step
-            runner = (build(plan.problem, c.optimizer, c.max_grad_norm) if build is not None
-                      else _dict_step(plan, c.optimizer, c.max_grad_norm))
+            runner = (
+                build(plan.problem, c.optimizer, c.max_grad_norm)
+                if build is not None
+                else _dict_step(plan, c.optimizer, c.max_grad_norm)
+            )
             found = self._steps[id(plan)] = (plan, runner)
             self.record["backend"] = plan.backend.name
-        return found[1]
+        return found
 
     def seconds(self) -> float:
         return round(self.previous_seconds + time.perf_counter() - self.session_start, 3)
@@ -349,38 +414,58 @@ class _Run:
         result = self.result()
         done = self.state.iteration
         self._saved = (done, result)
-        return save_checkpoint(Checkpoint(result.params, self.state.optimizer, done,
-                                          self.tasks.state_before(done), result.history,
-                                          result.config, status), self.folder)
+        return save_checkpoint(
+            Checkpoint(
+                result.params,
+                self.state.optimizer,
+                done,
+                self.tasks.state_before(done),
+                result.history,
+                result.config,
+                status,
+            ),
+            self.folder,
+        )
 
 
-def _record(config: TrainConfig, loss_fn: object, params: Params, sample_tasks: object,
-            chunk: int) -> dict[str, Any]:
+def _record(
+    config: TrainConfig, loss_fn: object, params: Params, sample_tasks: object, chunk: int
+) -> dict[str, Any]:
     """The run's record: the settings and the facts a resume must find unchanged."""
     like = reference_tensor(params)
     record = dataclasses.asdict(config)
     record["hypers"] = dict(config.hypers)
     record["backend_choice"] = config.backend  # "backend" becomes the record that ran
-    record.update({
-        "optimizer": {"name": "adam", "betas": list(config.optimizer.betas), "eps": config.optimizer.eps},
-        "loss": _describe(loss_fn),
-        "tasks": _describe(sample_tasks),
-        "param_shapes": {k: list(v.shape) for k, v in params.items()},
-        "dtype": str(like.dtype).removeprefix("torch."),
-        "device": str(like.device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "sample_chunk": chunk,
-    })
+    record.update(
+        {
+            "optimizer": {
+                "name": "adam",
+                "betas": list(config.optimizer.betas),
+                "eps": config.optimizer.eps,
+            },
+            "loss": _describe(loss_fn),
+            "tasks": _describe(sample_tasks),
+            "param_shapes": {k: list(v.shape) for k, v in params.items()},
+            "dtype": str(like.dtype).removeprefix("torch."),
+            "device": str(like.device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "sample_chunk": chunk,
+        }
+    )
     return record
 
 
 def _check_same_run(saved: dict[str, Any], requested: dict[str, Any], path: Path) -> None:
-    differ = sorted(k for k in set(saved) | set(requested)
-                    if k not in (*RESUMABLE, "backend") and saved.get(k) != requested.get(k))
+    differ = sorted(
+        k
+        for k in set(saved) | set(requested)
+        if k not in (*RESUMABLE, "backend") and saved.get(k) != requested.get(k)
+    )
     if differ:
-        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {requested.get(k)!r}"
-                            for k in differ[:4])
+        details = "; ".join(
+            f"{k}: checkpoint {saved.get(k)!r}, now {requested.get(k)!r}" for k in differ[:4]
+        )
         raise ValueError(f"cannot resume from {str(path)!r}: the settings differ ({details})")
 
 
@@ -415,7 +500,11 @@ def run_training(
         raise ValueError("resume needs checkpoint_dir")
     if on_log is not None:
         check_callable(on_log, "on_log", "on_log(iteration, running_mean)")
-    folder = check_writable_folder(checkpoint_dir, "checkpoint_dir") if checkpoint_dir is not None else None
+    folder = (
+        check_writable_folder(checkpoint_dir, "checkpoint_dir")
+        if checkpoint_dir is not None
+        else None
+    )
     run = _Run(config, loss_fn, theta, sample_tasks, folder, resume)
     first = run.state.iteration
     with deferred_signals() as caught, _progress_bar(progress, config, first) as bar:
@@ -426,7 +515,11 @@ def run_training(
                 raise TrainingDiverged(
                     f"{config.method} stopped: non-finite meta-loss at iteration {it} (a diverging "
                     "method, or NaN/inf in the data); the last finite state is "
-                    + (f"in {path}" if path else "in .result"), it, path, run.result())
+                    + (f"in {path}" if path else "in .result"),
+                    it,
+                    path,
+                    run.result(),
+                )
             _report(run, bar, log_every, on_log)
             done = run.state.iteration
             if caught:
@@ -452,7 +545,9 @@ def _progress_bar(progress: bool, config: TrainConfig, start: int) -> Iterator[A
         bar.close()
 
 
-def _report(run: _Run, bar: Any, log_every: int, on_log: Callable[[int, float], None] | None) -> None:
+def _report(
+    run: _Run, bar: Any, log_every: int, on_log: Callable[[int, float], None] | None
+) -> None:
     done = run.state.iteration
     if bar is not None:
         bar.update(1)
@@ -530,10 +625,30 @@ def meta_train(
         >>> result.history.shape, result.config["method"]
         (torch.Size([3]), 'maml')
     """
-    config = TrainConfig(method, meta_batch_size, iterations, lr, meta_lr, steps, seed, backend,
-                         max_grad_norm, checkpoint_every, hypers)
-    return run_training(config, loss_fn, params, sample_tasks, checkpoint_dir=checkpoint_dir,
-                 resume=resume, progress=progress, log_every=log_every, on_log=on_log)
+    config = TrainConfig(
+        method,
+        meta_batch_size,
+        iterations,
+        lr,
+        meta_lr,
+        steps,
+        seed,
+        backend,
+        max_grad_norm,
+        checkpoint_every,
+        hypers,
+    )
+    return run_training(
+        config,
+        loss_fn,
+        params,
+        sample_tasks,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        progress=progress,
+        log_every=log_every,
+        on_log=on_log,
+    )
 
 
 def trained(checkpoint: Checkpoint) -> TrainResult:

@@ -31,8 +31,15 @@ def task(support: tuple[Tensor, Tensor], query: tuple[Tensor, Tensor], i: int):
 
 
 def per_task_reference(
-    method: str, loss: Callable[..., Tensor], params: Mapping[str, Tensor], support, query, *,
-    lr: float, steps: int, **hypers: Any,
+    method: str,
+    loss: Callable[..., Tensor],
+    params: Mapping[str, Tensor],
+    support,
+    query,
+    *,
+    lr: float,
+    steps: int,
+    **hypers: Any,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """The task mean of the single-task engines and each task's post-adaptation query loss, by
     a plain Python loop (the reference every meta-batch backend must equal)."""
@@ -60,7 +67,9 @@ def per_task_reference(
     return mean, torch.stack(losses)
 
 
-def assert_tree_close(actual: Mapping[str, Tensor], expected: Mapping[str, Tensor], **tol: Any) -> None:
+def assert_tree_close(
+    actual: Mapping[str, Tensor], expected: Mapping[str, Tensor], **tol: Any
+) -> None:
     """Same keys in the same order, and every tensor close."""
     assert list(actual) == list(expected), (list(actual), list(expected))
     for k in expected:

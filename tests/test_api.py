@@ -129,8 +129,12 @@ def test_public_submodules_list_documented_names(module: str) -> None:
 def test_the_top_level_is_the_derivation_and_no_name_is_public_twice() -> None:
     top = set(mamlkit.__all__)
     for module in SUBMODULES:
-        assert not top & set(getattr(mamlkit, module).__all__), f"{module} names repeated at the top"
-    assert len(top - {"profiling", "symbolic", "tasks", "train"}) <= 32  # functions, types, the two tables
+        assert not top & set(getattr(mamlkit, module).__all__), (
+            f"{module} names repeated at the top"
+        )
+    assert (
+        len(top - {"profiling", "symbolic", "tasks", "train"}) <= 32
+    )  # functions, types, the two tables
 
 
 def test_import_mamlkit_is_light() -> None:
@@ -141,7 +145,9 @@ def test_import_mamlkit_is_light() -> None:
         "mamlkit.symbolic\n"
         "print('sympy' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     assert out.stdout.split() == ["[]", "True"], out.stdout
 
 

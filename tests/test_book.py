@@ -65,4 +65,6 @@ def test_slider_cells_have_a_static_twin_and_cannot_block_headless_runs(path: Pa
         source = "".join(cell["source"])
         if cell["cell_type"] == "code" and "interact(" in source:
             assert 'os.environ.get("MAMLKIT_HEADLESS") == "1"' in source, f"cell {i}"
-            assert any("plt.show()" in "".join(c["source"]) for c in _cells(path)[max(0, i - 4) : i])
+            assert any(
+                "plt.show()" in "".join(c["source"]) for c in _cells(path)[max(0, i - 4) : i]
+            )

@@ -152,7 +152,11 @@ def test_make_mse_loss_refuses_broadcasting_targets_directly() -> None:
     [
         ("not a batch", TypeError, r"must be a pair \(x, y\) of tensors"),
         ((torch.zeros(N, 1),), TypeError, r"must be a pair \(x, y\) of tensors"),
-        ((torch.zeros(N, 1, dtype=F64), np.zeros((N, 1))), TypeError, r" y must be a Tensor, got ndarray"),
+        (
+            (torch.zeros(N, 1, dtype=F64), np.zeros((N, 1))),
+            TypeError,
+            r" y must be a Tensor, got ndarray",
+        ),
         (([0.0] * N, torch.zeros(N, 1)), TypeError, r" x must be a Tensor, got list"),
         (
             (torch.tensor(1.0, dtype=F64), torch.zeros(N, 1, dtype=F64)),
@@ -187,10 +191,15 @@ def test_loss_returning_a_non_scalar(name: str) -> None:
 
 @pytest.mark.parametrize("name", list(ALL))
 def test_loss_returning_a_python_number(name: str) -> None:
-    with pytest.raises(
-        ValueError, match=r"^loss_fn must return a scalar \(0-d\) tensor, got float"
-    ):
+    with pytest.raises(TypeError, match=r"^loss_fn must return a tensor, got float"):
         _call(name, loss_fn=lambda p, b: 1.0)
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_loss_returning_an_integer_tensor(name: str) -> None:
+    """(It used to give an all-zero gradient on some engines and a raw crash on others.)"""
+    with pytest.raises(TypeError, match=r"^loss_fn must return a floating-point tensor, got torch"):
+        _call(name, loss_fn=lambda p, b: next(iter(p.values())).sum().long())
 
 
 @pytest.mark.parametrize("name", list(ALL))

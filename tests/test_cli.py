@@ -85,11 +85,19 @@ def test_main_exit_code_follows_the_checks(
 # ------------------------------------------------------------------------------ errors, exit codes
 
 
-def _run(*argv: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def _run(
+    *argv: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     base = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     base.pop("MAMLKIT_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "mamlkit", *argv], capture_output=True, text=True,
-                          env={**base, **(env or {})}, cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mamlkit", *argv],
+        capture_output=True,
+        text=True,
+        env={**base, **(env or {})},
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def test_version_and_help_show_defaults() -> None:
@@ -104,7 +112,12 @@ def test_version_and_help_show_defaults() -> None:
 @pytest.mark.parametrize(
     ("argv", "env", "code", "message"),
     [
-        (["train", "--out", "{tmp}/afile", "--iterations", "3"], None, 1, "--out '{tmp}/afile' exists and is not a folder"),
+        (
+            ["train", "--out", "{tmp}/afile", "--iterations", "3"],
+            None,
+            1,
+            "--out '{tmp}/afile' exists and is not a folder",
+        ),
         (["train", "--out", "{tmp}/afile/sub", "--iterations", "3"], None, 1, "is not writable"),
         (["train", "--out", "{tmp}/o", "--lam", "2"], None, 2, "method 'maml' does not take it"),
         (["train", "--out", "{tmp}/o", "--device", "cuda"], None, 2, "CUDA is not available"),
@@ -118,7 +131,13 @@ def test_version_and_help_show_defaults() -> None:
     ],
 )
 def test_mistakes_are_one_line_before_any_work(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv, env, code, message
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv,
+    env,
+    code,
+    message,
 ) -> None:
     (tmp_path / "afile").write_text("")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -23,9 +23,12 @@ MSE = mk.make_mse_loss(mk.mlp)
 def test_fused_compiled_matches_the_per_task_engines(method):
     params, support, query = random_mlp_problem((1, 4, 3, 1), seed=1)
     steps, kw = max(2, mk.METHODS[method].min_steps), HYPERS.get(method, {})
-    got, losses = mk.meta_batch_grad(method, MSE, params, support, query, lr=0.05, steps=steps,
-                                     backend="fused-compiled", **kw)
-    ref, ref_losses = per_task_reference(method, MSE, params, support, query, lr=0.05, steps=steps, **kw)
+    got, losses = mk.meta_batch_grad(
+        method, MSE, params, support, query, lr=0.05, steps=steps, backend="fused-compiled", **kw
+    )
+    ref, ref_losses = per_task_reference(
+        method, MSE, params, support, query, lr=0.05, steps=steps, **kw
+    )
     assert_tree_close(got, ref, **TOL)
     torch.testing.assert_close(losses, ref_losses)
 
@@ -37,8 +40,18 @@ def test_vmap_compiled_matches_the_per_task_engines(method):
     t = sample_quadratic_tasks(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     params = {"x": torch.tensor([0.7, -0.2], dtype=torch.float64)}
     steps, kw = max(2, mk.METHODS[method].min_steps), HYPERS.get(method, {})
-    got, _ = mk.meta_batch_grad(method, quadratic_loss, params, t.support, t.query, lr=0.2,
-                                steps=steps, backend="vmap-compiled", **kw)
-    ref, _ = per_task_reference(method, quadratic_loss, params, t.support, t.query, lr=0.2,
-                                steps=steps, **kw)
+    got, _ = mk.meta_batch_grad(
+        method,
+        quadratic_loss,
+        params,
+        t.support,
+        t.query,
+        lr=0.2,
+        steps=steps,
+        backend="vmap-compiled",
+        **kw,
+    )
+    ref, _ = per_task_reference(
+        method, quadratic_loss, params, t.support, t.query, lr=0.2, steps=steps, **kw
+    )
     assert_tree_close(got, ref, **TOL)

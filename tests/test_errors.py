@@ -36,10 +36,17 @@ SINGLE = {  # every single-task function, called on (params, support, query)
     "hvp": lambda p, s, q: mk.hvp(MSE, p, s, p),
     "reptile_grad": lambda p, s, q: mk.reptile_grad(MSE, p, s, lr=0.1, steps=2),
     "imaml": lambda p, s, q: mk.imaml(MSE, p, s, q, lam=1.0, lr=0.1, steps=2),
-    "es_maml_grad": lambda p, s, q: mk.es_maml_grad(MSE, p, s, q, lr=0.1, steps=1, num_samples=2, sigma=0.1, seed=0),
+    "es_maml_grad": lambda p, s, q: mk.es_maml_grad(
+        MSE, p, s, q, lr=0.1, steps=1, num_samples=2, sigma=0.1, seed=0
+    ),
 }
-BATCH_NAME = {"adapt": "batch", "inner_jacobian": "batch", "hessian": "batch", "hvp": "batch",
-              "reptile_grad": "batch"}
+BATCH_NAME = {
+    "adapt": "batch",
+    "inner_jacobian": "batch",
+    "hessian": "batch",
+    "hvp": "batch",
+    "reptile_grad": "batch",
+}
 
 
 def meta(backend):
@@ -49,8 +56,10 @@ def meta(backend):
     return call
 
 
-META = {**{f"meta_batch_grad[{b}]": meta(b) for b in ("vmap", "fused", "auto")},
-        "evaluate": lambda p, s, q: evaluate(MSE, p, s, q, lr=0.1, steps=1)}
+META = {
+    **{f"meta_batch_grad[{b}]": meta(b) for b in ("vmap", "fused", "auto")},
+    "evaluate": lambda p, s, q: evaluate(MSE, p, s, q, lr=0.1, steps=1),
+}
 
 
 def tasks(t=3, n=5, **kw):
@@ -61,13 +70,19 @@ def tasks(t=3, n=5, **kw):
 @pytest.mark.parametrize("name", list(SINGLE))
 def test_data_of_another_dtype_single(name):
     where = BATCH_NAME.get(name, "support")
-    with pytest.raises(TypeError, match=rf"^{where} x must have the dtype of params \(torch.float32\), got torch.float64"):
+    with pytest.raises(
+        TypeError,
+        match=rf"^{where} x must have the dtype of params \(torch.float32\), got torch.float64",
+    ):
         SINGLE[name](params(torch.float32), batch(), batch())
 
 
 @pytest.mark.parametrize("name", list(META))
 def test_data_of_another_dtype_meta(name):
-    with pytest.raises(TypeError, match=r"^query x must have the dtype of params \(torch.float32\), got torch.float64"):
+    with pytest.raises(
+        TypeError,
+        match=r"^query x must have the dtype of params \(torch.float32\), got torch.float64",
+    ):
         META[name](params(torch.float32), tasks(dtype=torch.float32), tasks())
 
 
@@ -75,9 +90,18 @@ def test_data_of_another_dtype_meta(name):
 @pytest.mark.parametrize(
     ("data", "match"),
     [
-        (dict(dtype=torch.int64), r"x must be a floating-point tensor \(the model's inputs\), got torch.int64"),
-        (dict(dtype=torch.complex128), r"x must be a real floating-point or integer tensor, got torch.complex128"),
-        (dict(dtype=torch.bool), r"x must be a real floating-point or integer tensor, got torch.bool"),
+        (  # integer inputs are the model's business: mamlkit.mlp takes floats
+            dict(dtype=torch.int64),
+            r"x must be a floating-point tensor for mamlkit.mlp, got torch.int64",
+        ),
+        (
+            dict(dtype=torch.complex128),
+            r"x must be a real floating-point or integer tensor, got torch.complex128",
+        ),
+        (  # bool x is the model's business, bool targets are refused at the door
+            dict(dtype=torch.bool),
+            r"y must be a real floating-point or integer tensor, got torch.bool",
+        ),
     ],
 )
 def test_integer_complex_and_bool_data_are_refused(name, data, match):
@@ -108,7 +132,11 @@ def test_mixed_dtype_params(name):
     fn = SINGLE.get(name) or META[name]
     make = batch if name in SINGLE else tasks
     p = {**params(), "b1": params()["b1"].float()}
-    with pytest.raises(TypeError, match=r"^params must all have one dtype, got torch.float64 and torch.float32 \(params\['b1'\]\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"^params must all have one dtype, got torch.float64 and torch.float32 "
+        r"\(params\['b1'\]\)",
+    ):
         fn(p, make(), make())
 
 
@@ -163,7 +191,9 @@ def test_shape_errors_are_the_same_on_every_backend(name):
     x, y = tasks()
     with pytest.raises(ValueError, match=r"^x must have shape \(\.\.\., 1\), got \(5, 2\)"):
         META[name](params(), (torch.cat((x, x), -1), y), tasks())
-    with pytest.raises(ValueError, match=r"^y must have the shape of the model's prediction \(5, 1\), got \(5, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"^y must have the shape of the model's prediction \(5, 1\), got \(5, 2\)"
+    ):
         META[name](params(), (x, torch.cat((y, y), -1)), tasks())
 
 
@@ -171,8 +201,12 @@ def test_nan_in_the_data_gives_nan_out():
     x, y = batch()
     y = y.clone()
     y[0] = math.nan
-    assert all(torch.isnan(g).any() for g in mk.maml_grad(MSE, params(), (x, y), batch(), lr=0.1).values())
-    _, losses = mk.meta_batch_grad("maml", MSE, params(), (x[None], y[None]), tasks(t=1), lr=0.1, backend="fused")
+    assert all(
+        torch.isnan(g).any() for g in mk.maml_grad(MSE, params(), (x, y), batch(), lr=0.1).values()
+    )
+    _, losses = mk.meta_batch_grad(
+        "maml", MSE, params(), (x[None], y[None]), tasks(t=1), lr=0.1, backend="fused"
+    )
     assert torch.isnan(losses).all()
 
 

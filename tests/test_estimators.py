@@ -37,6 +37,7 @@ def imaml_grad(*args, **kwargs):
     """``imaml(...).grad``: the gradient alone (vmap-safe with cg_tol=0)."""
     return imaml(*args, **kwargs).grad
 
+
 F64 = torch.float64
 
 
@@ -233,7 +234,8 @@ def test_imaml_matches_the_closed_form_on_least_squares(lam, seed):
 
 
 def test_imaml_uses_the_support_hessian_at_phi():
-    """Non-quadratic loss: g = (I + H_s(φ)/λ)⁻¹∇L_q(φ) with a dense Hessian at φ, and φ stationary."""
+    """Non-quadratic loss: g = (I + H_s(φ)/λ)⁻¹∇L_q(φ) with a dense Hessian at φ, and φ
+    stationary."""
     params, support, query = tanh_problem(seed=3)
     lam = 2.0
     out = imaml(tanh_loss, params, support, query, lam=lam, lr=0.2, steps=400, cg_steps=40)

@@ -59,8 +59,13 @@ def fake(maml, pretrained, half=0.1, sd=0.0):
     def curve(v):
         return {"mean": [3.0] + [v] * 10, "ci95": [0.2] + [half] * 10, "seed_sd": [0.0] + [sd] * 10}
 
-    return {"protocol": {"eval_k": [5]},
-            "methods": {"maml": {"summary": {"5": curve(maml)}}, "pretrained": {"summary": {"5": curve(pretrained)}}}}
+    return {
+        "protocol": {"eval_k": [5]},
+        "methods": {
+            "maml": {"summary": {"5": curve(maml)}},
+            "pretrained": {"summary": {"5": curve(pretrained)}},
+        },
+    }
 
 
 @pytest.mark.parametrize(
@@ -79,11 +84,16 @@ def test_run_checks(maml, pretrained, sd, quick, expected):
     checks = EXPERIMENT.checks(fake(maml, pretrained, sd=sd), quick)
     assert [c["passed"] for c in checks] == expected
     if not quick:
-        assert all(str(b) in checks[i + 1]["name"] for i, b in enumerate(PAPER_FIG3["maml"].values()))
+        assert all(
+            str(b) in checks[i + 1]["name"] for i, b in enumerate(PAPER_FIG3["maml"].values())
+        )
 
 
 def test_the_paper_readings():
-    assert PAPER_FIG3 == {"maml": {1: 0.67, 5: 0.38, 10: 0.35}, "pretrained": {1: 2.41, 5: 2.23, 10: 2.19}}
+    assert PAPER_FIG3 == {
+        "maml": {1: 0.67, 5: 0.38, 10: 0.35},
+        "pretrained": {1: 2.41, 5: 2.23, 10: 2.19},
+    }
     assert "Fig. 3" in PAPER_SOURCE and "no table" in PAPER_SOURCE
 
 
@@ -133,7 +143,9 @@ def test_several_seeds_end_to_end(tmp_path):
     for name in ("learning_curves.png", "mse_vs_steps.png", "fits.png"):
         assert (tmp_path / name).stat().st_size > 1000
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "maml-seed1")
-    assert ckpt.status == "finished" and ckpt.iteration == 30 and ckpt.params["w1"].shape == (40, 40)
+    assert (
+        ckpt.status == "finished" and ckpt.iteration == 30 and ckpt.params["w1"].shape == (40, 40)
+    )
 
 
 def test_results_are_written_before_figures_and_without_matplotlib(tmp_path, monkeypatch):
@@ -149,7 +161,9 @@ def test_a_diverging_method_is_reported_not_evaluated(tmp_path, monkeypatch):
     run = results["methods"]["fomaml"]["runs"]["0"]
     assert "diverged" in run and "eval" not in run and "summary" not in results["methods"]["fomaml"]
     assert "summary" in results["methods"]["maml"]
-    assert len(results["warnings"]) == 1 and results["warnings"][0].startswith("fomaml seed 0 diverged")
+    assert len(results["warnings"]) == 1 and results["warnings"][0].startswith(
+        "fomaml seed 0 diverged"
+    )
     assert "## Warnings" in (tmp_path / "results.md").read_text()
 
 
@@ -162,20 +176,65 @@ def test_resume_reuses_finished_runs(tmp_path):
 
 def test_cli_train_then_evaluate(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
-    argv = ["train", "--method", "fomaml", "--iterations", "5", "--sizes", "1", "8", "1", "--out", str(ckpt), "--no-progress"]
+    argv = [
+        "train",
+        "--method",
+        "fomaml",
+        "--iterations",
+        "5",
+        "--sizes",
+        "1",
+        "8",
+        "1",
+        "--out",
+        str(ckpt),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     run = load_checkpoint(ckpt)
     assert run.history.shape == (5,) and run.config["method"] == "fomaml"
     report = tmp_path / "eval.json"
-    assert main(["evaluate", str(ckpt), "--k", "5", "--tasks", "20", "--steps", "2", "--json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(ckpt),
+                "--k",
+                "5",
+                "--tasks",
+                "20",
+                "--steps",
+                "2",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     curves = json.loads(report.read_text())
     assert len(curves["5"]["mean"]) == 3 and all(torch.isfinite(torch.tensor(curves["5"]["mean"])))
     assert "| 5 |" in capsys.readouterr().out
 
 
 def test_cli_train_imaml_takes_its_hyper_parameters(tmp_path):
-    argv = ["train", "--method", "imaml", "--iterations", "2", "--sizes", "1", "8", "1", "--lam", "3.0",
-            "--cg-steps", "2", "--out", str(tmp_path), "--no-progress"]
+    argv = [
+        "train",
+        "--method",
+        "imaml",
+        "--iterations",
+        "2",
+        "--sizes",
+        "1",
+        "8",
+        "1",
+        "--lam",
+        "3.0",
+        "--cg-steps",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     config = load_checkpoint(tmp_path).config
     assert config["hypers"] == {"lam": 3.0, "cg_steps": 2} and config["steps"] == 5

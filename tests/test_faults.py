@@ -16,15 +16,33 @@ import torch
 from mamlkit.train import load_checkpoint
 
 ROOT = Path(__file__).parents[1]
-TRAIN = ["train", "--method", "maml", "--sizes", "1", "8", "1", "--iterations", "1500", "--backend", "fused",
-         "--no-progress"]
+TRAIN = [
+    "train",
+    "--method",
+    "maml",
+    "--sizes",
+    "1",
+    "8",
+    "1",
+    "--iterations",
+    "1500",
+    "--backend",
+    "fused",
+    "--no-progress",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def _start(*argv: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mamlkit", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mamlkit", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        start_new_session=True,
+    )
 
 
 def _wait_for(path: Path, timeout: float = 60) -> None:
@@ -45,14 +63,22 @@ def _same_run(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted")
-    done = subprocess.run([sys.executable, "-m", "mamlkit", *TRAIN, "--out", str(out)], env=ENV,
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "mamlkit", *TRAIN, "--out", str(out)],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return out
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_stops_with_one_line_and_resume_is_bit_identical(tmp_path, uninterrupted, signum, code):
+def test_a_signal_stops_with_one_line_and_resume_is_bit_identical(
+    tmp_path, uninterrupted, signum, code
+):
     process = _start(*TRAIN, "--out", str(tmp_path), "--checkpoint-every", "200")
     _wait_for(tmp_path / "checkpoint.pt")
     process.send_signal(signum)
@@ -60,8 +86,14 @@ def test_a_signal_stops_with_one_line_and_resume_is_bit_identical(tmp_path, unin
     assert process.returncode == code, err
     assert err.strip().count("\n") == 0 and "--resume" in err and "Traceback" not in err
     assert load_checkpoint(tmp_path).status == "interrupted"
-    resumed = subprocess.run([sys.executable, "-m", "mamlkit", *TRAIN, "--out", str(tmp_path), "--resume"],
-                             env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "mamlkit", *TRAIN, "--out", str(tmp_path), "--resume"],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     _same_run(tmp_path, uninterrupted)
 
@@ -69,24 +101,52 @@ def test_a_signal_stops_with_one_line_and_resume_is_bit_identical(tmp_path, unin
 def test_sigkill_even_during_a_save_never_leaves_a_broken_checkpoint(tmp_path, uninterrupted):
     """A checkpoint every iteration, so the kills land in and around writes."""
     for delay in (0.3, 0.9):
-        process = _start(*TRAIN, "--out", str(tmp_path), "--checkpoint-every", "1",
-                         *(["--resume"] if (tmp_path / "checkpoint.pt").exists() else []))
+        process = _start(
+            *TRAIN,
+            "--out",
+            str(tmp_path),
+            "--checkpoint-every",
+            "1",
+            *(["--resume"] if (tmp_path / "checkpoint.pt").exists() else []),
+        )
         _wait_for(tmp_path / "checkpoint.pt")
         time.sleep(delay)
         process.kill()
         process.wait(timeout=60)
         saved = load_checkpoint(tmp_path)  # never torn: the old file or the new one
         assert saved.iteration == saved.history.numel() and saved.status in ("running", "finished")
-    resumed = subprocess.run([sys.executable, "-m", "mamlkit", *TRAIN, "--out", str(tmp_path), "--resume"],
-                             env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "mamlkit", *TRAIN, "--out", str(tmp_path), "--resume"],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     _same_run(tmp_path, uninterrupted)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
-REPRODUCE = ["reproduce", "sinusoid", "--quick", "--methods", "fomaml", "--seeds", "0", "1",
-             "--workers", "2", "--iterations", "2500", "--eval-tasks", "10", "--no-figures",
-             "--backend", "fused"]
+REPRODUCE = [
+    "reproduce",
+    "sinusoid",
+    "--quick",
+    "--methods",
+    "fomaml",
+    "--seeds",
+    "0",
+    "1",
+    "--workers",
+    "2",
+    "--iterations",
+    "2500",
+    "--eval-tasks",
+    "10",
+    "--no-figures",
+    "--backend",
+    "fused",
+]
 
 
 def _group_is_gone(process: subprocess.Popen, timeout: float = 60) -> bool:
@@ -109,9 +169,18 @@ def test_reproduce_with_workers_stops_them_all_on_sigterm_and_resumes(tmp_path):
     assert err.strip().splitlines()[-1].startswith("mamlkit: interrupted by SIGTERM")
     assert _group_is_gone(process), "a worker outlived its parent"
     for seed in (0, 1):
-        assert load_checkpoint(tmp_path / "checkpoints" / f"fomaml-seed{seed}").status in ("interrupted", "finished")
-    done = subprocess.run([sys.executable, "-m", "mamlkit", *REPRODUCE, "--out", str(tmp_path), "--resume"],
-                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert load_checkpoint(tmp_path / "checkpoints" / f"fomaml-seed{seed}").status in (
+            "interrupted",
+            "finished",
+        )
+    done = subprocess.run(
+        [sys.executable, "-m", "mamlkit", *REPRODUCE, "--out", str(tmp_path), "--resume"],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode in (0, 1), done.stderr  # 1: a check failed (a quick run is short)
     assert (tmp_path / "results.json").is_file()
     assert "fomaml/seed0: iteration" in done.stderr  # progress for every job with workers > 1

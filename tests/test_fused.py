@@ -54,7 +54,9 @@ def test_maml_against_central_finite_differences(activation, steps):
             total += float(loss(adapted, (query[0][t], query[1][t])))
         return total / N_TASKS
 
-    fd = central_difference(lambda v: torch.tensor(meta_objective(v), dtype=F64), flatten_params(params))
+    fd = central_difference(
+        lambda v: torch.tensor(meta_objective(v), dtype=F64), flatten_params(params)
+    )
     torch.testing.assert_close(flatten_params(grads), fd, rtol=1e-6, atol=1e-8)
 
 
@@ -93,9 +95,7 @@ def test_imaml_against_a_dense_solve():
     loss = make_mse_loss(functools.partial(mlp, activation="tanh"))
     params, support, query = random_mlp_problem((1, 3, 1), seed=2)
     n = flatten_params(params).numel()
-    grads, _ = fused(
-        "imaml", loss, params, support, query, lr=0.1, steps=5, lam=3.0, cg_steps=n
-    )
+    grads, _ = fused("imaml", loss, params, support, query, lr=0.1, steps=5, lam=3.0, cg_steps=n)
     expected = torch.zeros(n, dtype=F64)
     for t in range(N_TASKS):
         s, q = (support[0][t], support[1][t]), (query[0][t], query[1][t])

@@ -48,7 +48,9 @@ def _conda_spec(entry: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
-def test_environment_pins_a_python_that_pyproject_supports(pyproject: dict, environment: dict) -> None:
+def test_environment_pins_a_python_that_pyproject_supports(
+    pyproject: dict, environment: dict
+) -> None:
     specs = dict(_conda_spec(e) for e in _conda_packages(environment))
     assert specs.get("python"), "environment.yml must pin the interpreter (python=3.X)"
     assert Version(specs["python"]) in SpecifierSet(pyproject["project"]["requires-python"])
@@ -59,7 +61,9 @@ def test_environment_lists_only_python_and_pip_from_conda(environment: dict) -> 
     assert names == ["pip", "python"], f"dependencies belong in pyproject.toml, not conda: {names}"
 
 
-def test_environment_pip_installs_the_package_with_a_cpu_torch(pyproject: dict, environment: dict) -> None:
+def test_environment_pip_installs_the_package_with_a_cpu_torch(
+    pyproject: dict, environment: dict
+) -> None:
     pip = _pip_section(environment)
     assert pip[0].strip() == "--extra-index-url https://download.pytorch.org/whl/cpu", pip
     assert len(pip) == 2, f"the pip section should install the package only, got {pip}"
@@ -132,12 +136,15 @@ def test_pytest_configuration(pyproject: dict) -> None:
 
 def test_torch_floor_excludes_the_weights_only_loading_cve(pyproject: dict) -> None:
     """torch ≤ 2.5.1 can execute code while loading with weights_only=True (CVE-2025-32434)."""
-    supported = {Requirement(d).name: Requirement(d).specifier for d in pyproject["project"]["dependencies"]}
+    supported = {
+        Requirement(d).name: Requirement(d).specifier for d in pyproject["project"]["dependencies"]
+    }
     assert Version("2.5.1") not in supported["torch"] and Version("2.6.0") in supported["torch"]
 
 
 def test_the_readme_python_examples_run() -> None:
-    """The README's Python blocks, in order, in one namespace: an example that drifts from the API fails."""
+    """The README's Python blocks, in order, in one namespace: an example that drifts from the API
+    fails."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     assert len(blocks) >= 2
     namespace: dict = {}

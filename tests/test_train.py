@@ -34,8 +34,15 @@ from mamlkit.train import (
 )
 
 MSE = mk.make_mse_loss(mk.mlp)
-TINY = {"meta_batch_size": 5, "iterations": 60, "lr": 0.01, "meta_lr": 0.01, "steps": 1,
-        "seed": 3, "progress": False}
+TINY = {
+    "meta_batch_size": 5,
+    "iterations": 60,
+    "lr": 0.01,
+    "meta_lr": 0.01,
+    "steps": 1,
+    "seed": 3,
+    "progress": False,
+}
 # a low-noise family (nearly one function), so the meta-loss falls clearly in a few iterations
 TINY_FAMILY = SinusoidFamily(k_support=5, amplitude_range=(0.9, 1.1), phase_range=(0.0, 0.3))
 HYPERS = {"imaml": {"lam": 2.0, "cg_steps": 3}}
@@ -53,12 +60,22 @@ def drawn_like_meta_train(config, iterations):
     while len(out) < iterations:
         tasks = TINY_FAMILY(t * chunk, generator=gen, dtype=F64)
         for i in range(chunk):
-            out.append(tuple(tuple(x[i * t : (i + 1) * t] for x in pair) for pair in (tasks.support, tasks.query)))
+            out.append(
+                tuple(
+                    tuple(x[i * t : (i + 1) * t] for x in pair)
+                    for pair in (tasks.support, tasks.query)
+                )
+            )
     return out[:iterations]
 
 
 def train(method="maml", **change):
-    args = TINY | {"steps": 3 if method in ("reptile", "imaml") else 1} | HYPERS.get(method, {}) | change
+    args = (
+        TINY
+        | {"steps": 3 if method in ("reptile", "imaml") else 1}
+        | HYPERS.get(method, {})
+        | change
+    )
     return meta_train(method, MSE, tiny_params(), args.pop("sample_tasks", TINY_FAMILY), **args)
 
 
@@ -78,12 +95,18 @@ def test_meta_train_reduces_the_meta_loss_deterministically(method, backend):
     assert all(torch.equal(params[k], snapshot[k]) for k in params)
     assert run.config["method"] == method and run.config["backend"] == backend
     assert run.config["tasks"]["k_support"] == 5 and run.config["seed"] == 3
-    assert run.config["threads"] == torch.get_num_threads() and run.config["torch"] == torch.__version__
+    assert (
+        run.config["threads"] == torch.get_num_threads()
+        and run.config["torch"] == torch.__version__
+    )
     json.dumps(run.config)  # JSON-ready
 
 
 def test_backends_train_to_the_same_parameters():
-    a, b = train("maml", backend="vmap", iterations=20), train("maml", backend="fused", iterations=20)
+    a, b = (
+        train("maml", backend="vmap", iterations=20),
+        train("maml", backend="fused", iterations=20),
+    )
     for k in a.params:
         torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-9, atol=1e-11)
 
@@ -98,7 +121,9 @@ def test_the_first_iterate_is_one_adam_step_of_meta_batch_grad():
 
 
 def test_the_seed_changes_the_tasks():
-    assert not torch.equal(train("fomaml", iterations=3).history, train("fomaml", iterations=3, seed=4).history)
+    assert not torch.equal(
+        train("fomaml", iterations=3).history, train("fomaml", iterations=3, seed=4).history
+    )
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 1e6])
@@ -108,7 +133,9 @@ def test_max_grad_norm_is_clip_grad_norm_then_torch_adam(max_norm):
     opt = torch.optim.Adam(leaves.values(), lr=TINY["meta_lr"])
     norms = []
     for support, query in drawn_like_meta_train(run.config, 3):
-        g, _ = meta_batch_grad("maml", MSE, {k: v.detach() for k, v in leaves.items()}, support, query, lr=0.01)
+        g, _ = meta_batch_grad(
+            "maml", MSE, {k: v.detach() for k, v in leaves.items()}, support, query, lr=0.01
+        )
         for k, leaf in leaves.items():
             leaf.grad = g[k].clone()
         norms.append(float(torch.nn.utils.clip_grad_norm_(list(leaves.values()), max_norm)))
@@ -162,7 +189,9 @@ def test_samplers_are_not_cast_data_of_another_dtype_is_an_error():
     def float32_tasks(n, *, generator, dtype):
         return SinusoidFamily(k_support=5)(n, generator=generator, dtype=torch.float32)
 
-    with pytest.raises(TypeError, match=r"support x must have the dtype of params \(torch.float64\)"):
+    with pytest.raises(
+        TypeError, match=r"support x must have the dtype of params \(torch.float64\)"
+    ):
         train(sample_tasks=float32_tasks)
 
 
@@ -201,8 +230,14 @@ def _interrupt_at(iteration, signum=signal.SIGINT):
 def test_a_signal_checkpoints_and_resume_is_bit_identical(tmp_path, signum, method):
     full = train(method, iterations=40)
     with pytest.raises(TrainingInterrupted) as caught:
-        train(method, iterations=40, checkpoint_dir=tmp_path, checkpoint_every=7,
-              log_every=1, on_log=_interrupt_at(17, signum))
+        train(
+            method,
+            iterations=40,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=7,
+            log_every=1,
+            on_log=_interrupt_at(17, signum),
+        )
     assert caught.value.signum == signum and caught.value.iteration == 17
     assert load_checkpoint(tmp_path).status == "interrupted"
     resumed = train(method, iterations=40, checkpoint_dir=tmp_path, resume=True)
@@ -232,8 +267,15 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 def _checkpoint(run: TrainResult) -> Checkpoint:
-    return Checkpoint(run.params, adam_init(run.params), run.history.numel(),
-                      torch.Generator().manual_seed(0).get_state(), run.history, run.config, "finished")
+    return Checkpoint(
+        run.params,
+        adam_init(run.params),
+        run.history.numel(),
+        torch.Generator().manual_seed(0).get_state(),
+        run.history,
+        run.config,
+        "finished",
+    )
 
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
@@ -250,7 +292,10 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 @pytest.mark.parametrize(
     ("damage", "match"),
     [
-        (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "cannot read checkpoint"),
+        (
+            lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),
+            "cannot read checkpoint",
+        ),
         (lambda p: p.write_bytes(b""), "cannot read checkpoint"),
         (lambda p: p.write_bytes(os.urandom(4096)), "cannot read checkpoint"),
         (lambda p: torch.save({"format": "other"}, p), "is not a mamlkit checkpoint"),
@@ -293,11 +338,17 @@ def test_adam_update_is_torch_optim_adam_and_pure():
     opt = torch.optim.Adam(leaves.values(), lr=0.05)
     params, state = p0, adam_init(p0)
     for step in range(5):
-        g = {"w": torch.tensor([0.1, -3.0, 2.0], dtype=F64) * (step + 1), "b": torch.tensor(-0.7, dtype=F64)}
+        g = {
+            "w": torch.tensor([0.1, -3.0, 2.0], dtype=F64) * (step + 1),
+            "b": torch.tensor(-0.7, dtype=F64),
+        }
         for k, leaf in leaves.items():
             leaf.grad = g[k].clone()
         opt.step()
-        old, old_m = {k: v.clone() for k, v in params.items()}, {k: v.clone() for k, v in state.m.items()}
+        old, old_m = (
+            {k: v.clone() for k, v in params.items()},
+            {k: v.clone() for k, v in state.m.items()},
+        )
         new, state_new = adam_update(params, g, state, lr=0.05)
         assert all(torch.equal(params[k], old[k]) and torch.equal(state.m[k], old_m[k]) for k in p0)
         params, state = new, state_new
@@ -335,21 +386,29 @@ def test_mean_ci95_against_a_hand_computation():
     mean, half = mean_ci95(values)
     # column 0: mean 3, σ² = (4 + 1 + 9)/3 (divisor N, as np.std), half-width 1.96·σ/√3
     torch.testing.assert_close(mean, torch.tensor([3.0, 10.0], dtype=F64))
-    torch.testing.assert_close(half, torch.tensor([1.96 * math.sqrt(14 / 3) / math.sqrt(3), 0.0], dtype=F64))
+    torch.testing.assert_close(
+        half, torch.tensor([1.96 * math.sqrt(14 / 3) / math.sqrt(3), 0.0], dtype=F64)
+    )
     with pytest.raises(ValueError, match="values"):
         mean_ci95(torch.tensor(1.0))
 
 
 def test_evaluate_matches_a_loop_of_sgd_steps():
-    t = sample_sinusoid_tasks(6, k_support=5, k_query=7, generator=torch.Generator().manual_seed(0), dtype=F64)
+    t = sample_sinusoid_tasks(
+        6, k_support=5, k_query=7, generator=torch.Generator().manual_seed(0), dtype=F64
+    )
     params = mk.init_mlp((1, 8, 8, 1), dtype=F64)
     result = evaluate(MSE, params, t.support, t.query, lr=0.02, steps=4)
     assert result.losses.shape == (6, 5) and result.loss.shape == result.ci95.shape == (5,)
     for i in range(6):
         s, q = task(t.support, t.query, i)
         for j in range(5):
-            torch.testing.assert_close(result.losses[i, j], MSE(mk.adapt(MSE, params, s, lr=0.02, steps=j), q))
-    torch.testing.assert_close(result.ci95, 1.96 * result.losses.std(0, correction=0) / math.sqrt(6))
+            torch.testing.assert_close(
+                result.losses[i, j], MSE(mk.adapt(MSE, params, s, lr=0.02, steps=j), q)
+            )
+    torch.testing.assert_close(
+        result.ci95, 1.96 * result.losses.std(0, correction=0) / math.sqrt(6)
+    )
 
 
 def test_the_95_interval_covers_a_known_mean_about_95_percent_of_the_time():
@@ -382,7 +441,12 @@ def test_a_divergence_inside_a_drawn_chunk_resumes_on_the_same_tasks(tmp_path):
     full = train("maml", iterations=40)
     chunk = full.config["sample_chunk"]
     with pytest.raises(TrainingInterrupted):
-        train("maml", iterations=40, checkpoint_dir=tmp_path, log_every=1,
-              on_log=_interrupt_at(min(chunk, 20)))
+        train(
+            "maml",
+            iterations=40,
+            checkpoint_dir=tmp_path,
+            log_every=1,
+            on_log=_interrupt_at(min(chunk, 20)),
+        )
     resumed = train("maml", iterations=40, checkpoint_dir=tmp_path, resume=True)
     assert torch.equal(resumed.history, full.history)

@@ -77,8 +77,16 @@ def evaluate_tasks(
     :func:`mamlkit.train.evaluate`."""
     dtype = next(iter(params.values())).dtype
     tasks = family(num_tasks, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-    return evaluate(loss_fn, params, tasks.support, tasks.query, lr=lr, steps=steps, method=method,
-                    **(hypers or {}))
+    return evaluate(
+        loss_fn,
+        params,
+        tasks.support,
+        tasks.query,
+        lr=lr,
+        steps=steps,
+        method=method,
+        **(hypers or {}),
+    )
 
 
 def eval_seed(k: int) -> int:
@@ -92,8 +100,10 @@ def binned(history: torch.Tensor, bins: int = 200) -> dict[str, list[float]]:
         return {"iteration": [], "meta_loss": []}
     width = max(1, math.ceil(n / bins))
     edges = list(range(0, n, width))
-    return {"iteration": [i + width / 2 for i in edges],
-            "meta_loss": [history[i : i + width].mean().item() for i in edges]}
+    return {
+        "iteration": [i + width / 2 for i in edges],
+        "meta_loss": [history[i : i + width].mean().item() for i in edges],
+    }
 
 
 def over_seeds(curves: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, list[float]]:
@@ -105,7 +115,11 @@ def over_seeds(curves: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, lis
     for j in range(steps):
         values = [c["mean"][j] for c in curves]
         mean = sum(values) / len(values)
-        spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        spread = (
+            math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            if len(values) > 1
+            else 0.0
+        )
         out["mean"].append(mean)
         out["seed_sd"].append(spread)
         out["ci95"].append(sum(c["ci95"][j] for c in curves) / len(curves))
@@ -161,7 +175,11 @@ def _worker(jobs: Any, messages: Any, parent: int) -> None:
 
 
 def run_jobs(
-    jobs: Sequence[Job], *, workers: int, progress: bool, resume_hint: str,
+    jobs: Sequence[Job],
+    *,
+    workers: int,
+    progress: bool,
+    resume_hint: str,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> dict[str, Outcome]:
     """Run every job (see the module docstring); return each job's :class:`Outcome` by key."""
@@ -177,8 +195,10 @@ def run_jobs(
     queue, messages = context.Queue(), context.Queue()
     for job in jobs:
         queue.put(job)
-    processes = [context.Process(target=_worker, args=(queue, messages, os.getpid()), daemon=True)
-                 for _ in range(min(workers, len(jobs)))]
+    processes = [
+        context.Process(target=_worker, args=(queue, messages, os.getpid()), daemon=True)
+        for _ in range(min(workers, len(jobs)))
+    ]
     for process in processes:
         queue.put(None)
         process.start()
@@ -198,7 +218,9 @@ def run_jobs(
                 if not any(p.is_alive() for p in processes):
                     if not stopping:  # every worker is gone with jobs unfinished
                         for job in jobs:
-                            results.setdefault(job.key, Outcome("failed", None, "its worker exited"))
+                            results.setdefault(
+                                job.key, Outcome("failed", None, "its worker exited")
+                            )
                     break
                 continue
             if kind == "started":
@@ -254,8 +276,15 @@ class Protocol:
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> Protocol:
         """The protocol of ``asdict(protocol)`` (lists become tuples again)."""
-        return cls(**{f.name: tuple(record[f.name]) if isinstance(record[f.name], list) else record[f.name]
-                      for f in fields(cls) if f.name in record})
+        return cls(
+            **{
+                f.name: tuple(record[f.name])
+                if isinstance(record[f.name], list)
+                else record[f.name]
+                for f in fields(cls)
+                if f.name in record
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -278,7 +307,9 @@ class Experiment:
         """The model (initialised from ``seed``), the training tasks and the settings of one job."""
         raise NotImplementedError
 
-    def evaluate(self, protocol: Any, method: str, setup: Setup, params: dict[str, torch.Tensor]) -> Any:
+    def evaluate(
+        self, protocol: Any, method: str, setup: Setup, params: dict[str, torch.Tensor]
+    ) -> Any:
         """The evaluation of one trained model (JSON-ready)."""
         raise NotImplementedError
 
@@ -322,8 +353,16 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
     return out / "checkpoints" / f"{method}-seed{seed}"
 
 
-def train_job(experiment: str, method: str, seed: int, protocol: dict[str, Any], out: str,
-              resume: bool, progress: bool, on_log: Any) -> dict[str, Any]:
+def train_job(
+    experiment: str,
+    method: str,
+    seed: int,
+    protocol: dict[str, Any],
+    out: str,
+    resume: bool,
+    progress: bool,
+    on_log: Any,
+) -> dict[str, Any]:
     """Train and evaluate one (method, seed) of an experiment; a divergence is reported, not
     raised."""
     exp = get_experiment(experiment)
@@ -333,12 +372,24 @@ def train_job(experiment: str, method: str, seed: int, protocol: dict[str, Any],
     can_resume = resume and _checkpoint.checkpoint_path(folder).is_file()
     start = time.perf_counter()
     try:
-        result = run_training(setup.config, setup.loss_fn, setup.params, setup.sample_tasks,
-                       checkpoint_dir=folder, resume=can_resume, progress=progress,
-                       log_every=max(1, setup.config.iterations // 10), on_log=on_log)
+        result = run_training(
+            setup.config,
+            setup.loss_fn,
+            setup.params,
+            setup.sample_tasks,
+            checkpoint_dir=folder,
+            resume=can_resume,
+            progress=progress,
+            log_every=max(1, setup.config.iterations // 10),
+            on_log=on_log,
+        )
     except TrainingDiverged as error:
         seconds = error.result.config.get("train_seconds", time.perf_counter() - start)
-        return {"diverged": str(error), "iteration": error.iteration, "train_seconds": round(seconds, 1)}
+        return {
+            "diverged": str(error),
+            "iteration": error.iteration,
+            "train_seconds": round(seconds, 1),
+        }
     return {
         "train_seconds": round(result.config["train_seconds"], 1),
         "resumed": can_resume,
@@ -349,8 +400,16 @@ def train_job(experiment: str, method: str, seed: int, protocol: dict[str, Any],
     }
 
 
-def configure(experiment: Experiment, *, quick: bool, iterations: int | None, methods: Sequence[str] | None,
-              eval_tasks: int | None, seeds: Sequence[int] | None, backend: str) -> Any:
+def configure(
+    experiment: Experiment,
+    *,
+    quick: bool,
+    iterations: int | None,
+    methods: Sequence[str] | None,
+    eval_tasks: int | None,
+    seeds: Sequence[int] | None,
+    backend: str,
+) -> Any:
     """The experiment's protocol (full or quick) with the caller's changes, every one checked."""
     protocol = experiment.protocol_type.quick() if quick else experiment.protocol_type()
     changes: dict[str, Any] = {"backend": backend}
@@ -398,28 +457,59 @@ def reproduce(
         assertions.
     """
     experiment = get_experiment(name)
-    protocol = configure(experiment, quick=quick, iterations=iterations, methods=methods,
-                         eval_tasks=eval_tasks, seeds=seeds, backend=backend)
+    protocol = configure(
+        experiment,
+        quick=quick,
+        iterations=iterations,
+        methods=methods,
+        eval_tasks=eval_tasks,
+        seeds=seeds,
+        backend=backend,
+    )
     check_positive_int(workers, "workers")
     out = _files.check_writable_folder(out, "out")
     figure_note = check_figures_possible() if figures else None
     experiment.prepare(protocol)
     # the longest runs first (more inner steps, second order), so the workers finish together
     order = sorted(protocol.methods, key=lambda m: -_cost(experiment.setup(protocol, m, 0).config))
-    jobs = [Job(f"{m}/seed{s}", train_job, {"experiment": name, "method": m, "seed": s,
-                                            "protocol": asdict(protocol), "out": str(out), "resume": resume})
-            for m in order for s in protocol.training_seeds]
+    jobs = [
+        Job(
+            f"{m}/seed{s}",
+            train_job,
+            {
+                "experiment": name,
+                "method": m,
+                "seed": s,
+                "protocol": asdict(protocol),
+                "out": str(out),
+                "resume": resume,
+            },
+        )
+        for m in order
+        for s in protocol.training_seeds
+    ]
     start = time.perf_counter()
-    outcomes = run_jobs(jobs, workers=workers, progress=progress,
-                        resume_hint=f"continue with --resume (checkpoints in {out / 'checkpoints'})")
+    outcomes = run_jobs(
+        jobs,
+        workers=workers,
+        progress=progress,
+        resume_hint=f"continue with --resume (checkpoints in {out / 'checkpoints'})",
+    )
     runs = {key: outcome.payload for key, outcome in outcomes.items()}
     results = {"mode": "quick" if quick else "full", **experiment.results(protocol, runs, out)}
-    results["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
-                              "threads_per_worker": 1 if workers > 1 else torch.get_num_threads(),
-                              "workers": workers, "wall_seconds": round(time.perf_counter() - start, 1)}
+    results["environment"] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads_per_worker": 1 if workers > 1 else torch.get_num_threads(),
+        "workers": workers,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+    }
     results["checks"] = experiment.checks(results, quick)
-    results["warnings"] = [f"{key.replace('/seed', ' seed ')} diverged: {r['diverged']}"
-                           for key, r in runs.items() if "diverged" in r]
+    results["warnings"] = [
+        f"{key.replace('/seed', ' seed ')} diverged: {r['diverged']}"
+        for key, r in runs.items()
+        if "diverged" in r
+    ]
     results["figures"] = []
     write_results(out, results, experiment.markdown(results))
     if figures and figure_note is None:
@@ -444,4 +534,6 @@ def write_results(out: Path, results: dict[str, Any], markdown: str) -> None:
 
 def checks_markdown(checks: Sequence[Mapping[str, Any]]) -> str:
     """The checks as a Markdown task list."""
-    return "\n".join(f"- [{'x' if c['passed'] else ' '}] {c['name']}: {c['detail']}" for c in checks)
+    return "\n".join(
+        f"- [{'x' if c['passed'] else ' '}] {c['name']}: {c['detail']}" for c in checks
+    )

@@ -72,16 +72,34 @@ def model(channels: int, ways: int, seed: int) -> tuple[dict[str, torch.Tensor],
     return params, make_cross_entropy_loss(model_fn)
 
 
-def evaluate_glyphs(params: dict[str, torch.Tensor], loss: Any, p: GlyphProtocol,
-                    method: str | None = None, hypers: dict[str, Any] | None = None) -> dict[str, dict[str, list[float]]]:
-    """Per shot setting: accuracy (and its 95 % half-width over tasks) after 0 … eval_steps steps."""
+def evaluate_glyphs(
+    params: dict[str, torch.Tensor],
+    loss: Any,
+    p: GlyphProtocol,
+    method: str | None = None,
+    hypers: dict[str, Any] | None = None,
+) -> dict[str, dict[str, list[float]]]:
+    """Per shot setting: accuracy (and its 95 % half-width over tasks) after 0 … eval_steps
+    steps."""
     out = {}
     for shots in p.eval_shots:
         family = GlyphFamily(p.ways, shots, p.eval_queries, "test")
-        r = evaluate_tasks(loss, params, family, num_tasks=p.eval_tasks, lr=p.lr, steps=p.eval_steps,
-                           seed=eval_seed(shots), method=method, hypers=hypers)
-        out[str(shots)] = {"accuracy": r.accuracy.tolist(), "ci95": r.accuracy_ci95.tolist(),
-                           "loss": r.loss.tolist()}
+        r = evaluate_tasks(
+            loss,
+            params,
+            family,
+            num_tasks=p.eval_tasks,
+            lr=p.lr,
+            steps=p.eval_steps,
+            seed=eval_seed(shots),
+            method=method,
+            hypers=hypers,
+        )
+        out[str(shots)] = {
+            "accuracy": r.accuracy.tolist(),
+            "ci95": r.accuracy_ci95.tolist(),
+            "loss": r.loss.tolist(),
+        }
     return out
 
 
@@ -108,17 +126,29 @@ class Glyphs(Experiment):
     def setup(self, protocol: Any, method: str, seed: int) -> Setup:
         p: GlyphProtocol = protocol
         entry = get_method(method)
-        config = TrainConfig(method, p.meta_batch_size, p.iterations, p.lr, p.meta_lr,
-                             max(p.steps, entry.min_steps), derived_seed(seed, 1), p.backend,
-                             checkpoint_every=p.checkpoint_every)
+        config = TrainConfig(
+            method,
+            p.meta_batch_size,
+            p.iterations,
+            p.lr,
+            p.meta_lr,
+            max(p.steps, entry.min_steps),
+            derived_seed(seed, 1),
+            p.backend,
+            checkpoint_every=p.checkpoint_every,
+        )
         params, loss = model(p.channels, p.ways, seed)
         params = {k: v.to(p.device) for k, v in params.items()}
-        return Setup(loss, params, GlyphFamily(p.ways, p.train_shots, p.train_queries, "train"), config)
+        return Setup(
+            loss, params, GlyphFamily(p.ways, p.train_shots, p.train_queries, "train"), config
+        )
 
     def prepare(self, protocol: Any) -> None:
         glyph_bank()  # rendered (or loaded) once, before the workers start
 
-    def evaluate(self, protocol: Any, method: str, setup: Setup, params: dict[str, torch.Tensor]) -> Any:
+    def evaluate(
+        self, protocol: Any, method: str, setup: Setup, params: dict[str, torch.Tensor]
+    ) -> Any:
         return evaluate_glyphs(params, setup.loss_fn, protocol, method, dict(setup.config.hypers))
 
     def results(self, protocol: Any, runs: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
@@ -128,18 +158,38 @@ class Glyphs(Experiment):
         for method in p.methods:
             for seed in p.training_seeds:
                 for shots, curve in runs[f"{method}/seed{seed}"].get("eval", {}).items():
-                    rows.append({"method": method, "ways": p.ways, "shots": int(shots), "seed": seed,
-                                 "accuracy": curve["accuracy"][-1], "ci95": curve["ci95"][-1],
-                                 "curve": curve["accuracy"], "train_shots": p.train_shots})
+                    rows.append(
+                        {
+                            "method": method,
+                            "ways": p.ways,
+                            "shots": int(shots),
+                            "seed": seed,
+                            "accuracy": curve["accuracy"][-1],
+                            "ci95": curve["ci95"][-1],
+                            "curve": curve["accuracy"],
+                            "train_shots": p.train_shots,
+                        }
+                    )
         for shots, value in nearest_neighbour(p).items():
-            rows.append({"method": "nearest neighbour (pixels)", "ways": p.ways, "shots": int(shots),
-                         "accuracy": value["accuracy"], "ci95": value["ci95"], "train_shots": None})
+            rows.append(
+                {
+                    "method": "nearest neighbour (pixels)",
+                    "ways": p.ways,
+                    "shots": int(shots),
+                    "accuracy": value["accuracy"],
+                    "ci95": value["ci95"],
+                    "train_shots": None,
+                }
+            )
         return {
             "experiment": "few-shot classification on offline glyphs (the Omniglot protocol of "
             "Finn et al. 2017, §5.2)",
             "protocol": asdict(p),
-            "benchmark": {"characters": {s: int(bank.split(s).numel()) for s in SPLITS}, "scripts": SPLITS,
-                          "renderings": int(bank.images.shape[0])},
+            "benchmark": {
+                "characters": {s: int(bank.split(s).numel()) for s in SPLITS},
+                "scripts": SPLITS,
+                "renderings": int(bank.images.shape[0]),
+            },
             "results": rows,
             "runs": runs,
             "ci95": "95 % half-width over the meta-test tasks, 1.96·σ/√N (one training seed)",
@@ -154,16 +204,24 @@ class Glyphs(Experiment):
         for shots in results["protocol"]["eval_shots"]:
             m, p = rows.get(("maml", shots)), rows.get(("pretrained", shots))
             if m and p:
-                checks.append({"name": f"MAML above pretrained, 5-way {shots}-shot",
-                               "passed": bool(m["accuracy"] - m["ci95"] > p["accuracy"] + p["ci95"]),
-                               "detail": f"MAML {m['accuracy']:.3f} ± {m['ci95']:.3f} vs pretrained "
-                               f"{p['accuracy']:.3f} ± {p['ci95']:.3f} (intervals must not overlap)"})
+                checks.append(
+                    {
+                        "name": f"MAML above pretrained, 5-way {shots}-shot",
+                        "passed": bool(m["accuracy"] - m["ci95"] > p["accuracy"] + p["ci95"]),
+                        "detail": f"MAML {m['accuracy']:.3f} ± {m['ci95']:.3f} vs pretrained "
+                        f"{p['accuracy']:.3f} ± {p['ci95']:.3f} (intervals must not overlap)",
+                    }
+                )
             target = TARGETS.get(shots)
             if not quick and m and target is not None:
-                checks.append({"name": f"MAML ≥ {target:.0%} at 5-way {shots}-shot",
-                               "passed": bool(m["accuracy"] >= target),
-                               "detail": f"{m['accuracy']:.3f} ± {m['ci95']:.3f}, "
-                               f"{100 * (m['accuracy'] - target):+.1f} points from the target"})
+                checks.append(
+                    {
+                        "name": f"MAML ≥ {target:.0%} at 5-way {shots}-shot",
+                        "passed": bool(m["accuracy"] >= target),
+                        "detail": f"{m['accuracy']:.3f} ± {m['ci95']:.3f}, "
+                        f"{100 * (m['accuracy'] - target):+.1f} points from the target",
+                    }
+                )
         return checks
 
     def markdown(self, results: dict[str, Any]) -> str:
@@ -177,7 +235,7 @@ EXPERIMENT = Glyphs()
 
 
 def reproduce_glyphs(out: str | Path, **options: Any) -> dict[str, Any]:
-    """``reproduce("glyphs", out, **options)`` (see :func:`mamlkit._experiments.common.reproduce`)."""
+    """``reproduce("glyphs", out, **options)`` (:func:`mamlkit._experiments.common.reproduce`)."""
     from .common import reproduce
 
     return reproduce("glyphs", out, **options)
@@ -194,9 +252,16 @@ def _markdown(results: dict[str, Any]) -> str:
     for r in results["results"]:
         by_method.setdefault(r["method"], {})[r["shots"]] = r
     for method, cells in by_method.items():
-        rows.append(f"| {method} | " + " | ".join(
-            f"{100 * cells[s]['accuracy']:.1f} ± {100 * cells[s]['ci95']:.1f} %" if s in cells else "—"
-            for s in (1, 5)) + " |")
+        rows.append(
+            f"| {method} | "
+            + " | ".join(
+                f"{100 * cells[s]['accuracy']:.1f} ± {100 * cells[s]['ci95']:.1f} %"
+                if s in cells
+                else "—"
+                for s in (1, 5)
+            )
+            + " |"
+        )
     chars = results["benchmark"]["characters"]
     timing = ", ".join(f"{k} {r['train_seconds']:.0f} s" for k, r in results["runs"].items())
     figures = "".join(f"\n![{f}]({f})\n" for f in results.get("figures", []))
@@ -207,14 +272,14 @@ def _markdown(results: dict[str, Any]) -> str:
 {chars["train"]} meta-train, {chars["val"]} meta-val and {chars["test"]} meta-test characters \
 ({results["benchmark"]["renderings"]} renderings in all), split by script; 28 × 28 images with a \
 random face and affine distortion each. Network: 4 × [3×3 conv, stride 2, BatchNorm (batch \
-statistics), ReLU] with {proto["channels"]} channels (the paper: 64) and a linear head. Meta-trained \
-{proto["iterations"]} iterations at {proto["ways"]}-way {proto["train_shots"]}-shot \
-({proto["meta_batch_size"]} tasks, {proto["train_queries"]} query image(s) per class, one inner step \
-of α = {proto["lr"]}, Adam β = {proto["meta_lr"]}), training seed(s) \
-{", ".join(map(str, proto["training_seeds"]))}; evaluated on {proto["eval_tasks"]} meta-test tasks per \
-shot setting, {proto["eval_queries"]} query images per class, after {proto["eval_steps"]} fine-tuning \
-steps of α. Accuracy ± the 95 % half-width over test tasks (the spread between training seeds is \
-not measured here).
+statistics), ReLU] with {proto["channels"]} channels (the paper: 64) and a linear head. \
+Meta-trained {proto["iterations"]} iterations at {proto["ways"]}-way {proto["train_shots"]}-shot \
+({proto["meta_batch_size"]} tasks, {proto["train_queries"]} query image(s) per class, one inner \
+step of α = {proto["lr"]}, Adam β = {proto["meta_lr"]}), training seed(s) \
+{", ".join(map(str, proto["training_seeds"]))}; evaluated on {proto["eval_tasks"]} meta-test \
+tasks per shot setting, {proto["eval_queries"]} query images per class, after \
+{proto["eval_steps"]} fine-tuning steps of α. Accuracy ± the 95 % half-width over test tasks \
+(the spread between training seeds is not measured here).
 
 {chr(10).join(rows)}
 
@@ -263,11 +328,22 @@ def _figures(results: dict[str, Any], bank: Any, out: Path) -> list[str]:
     curves = [r for r in results["results"] if "curve" in r]
     if curves:
         shots = sorted({r["shots"] for r in curves})
-        fig, axes = plt.subplots(1, len(shots), figsize=(5 * len(shots), 3.5), sharey=True, squeeze=False)
+        fig, axes = plt.subplots(
+            1, len(shots), figsize=(5 * len(shots), 3.5), sharey=True, squeeze=False
+        )
         for ax, k in zip(axes[0], shots):
             for r in (r for r in curves if r["shots"] == k):
-                ax.plot(range(len(r["curve"])), [100 * a for a in r["curve"]], marker="o", label=r["method"])
-            ax.set(title=f"5-way {k}-shot, meta-test", xlabel="fine-tuning steps", ylabel="accuracy (%)")
+                ax.plot(
+                    range(len(r["curve"])),
+                    [100 * a for a in r["curve"]],
+                    marker="o",
+                    label=r["method"],
+                )
+            ax.set(
+                title=f"5-way {k}-shot, meta-test",
+                xlabel="fine-tuning steps",
+                ylabel="accuracy (%)",
+            )
         axes[0][0].legend()
         fig.tight_layout()
         fig.savefig(out / "accuracy_vs_steps.png", dpi=100)
@@ -276,5 +352,12 @@ def _figures(results: dict[str, Any], bank: Any, out: Path) -> list[str]:
     return written
 
 
-__all__ = ["EXPERIMENT", "PAPER_METHODS", "TARGETS", "GlyphProtocol", "evaluate_glyphs",
-           "nearest_neighbour", "reproduce_glyphs"]
+__all__ = [
+    "EXPERIMENT",
+    "PAPER_METHODS",
+    "TARGETS",
+    "GlyphProtocol",
+    "evaluate_glyphs",
+    "nearest_neighbour",
+    "reproduce_glyphs",
+]

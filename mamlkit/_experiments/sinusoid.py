@@ -69,16 +69,25 @@ PAPER_SOURCE = "read off Fig. 3 of Finn et al. (2017), K = 5 (the paper prints n
 PAPER_METHODS = ("maml", "fomaml", "reptile", "imaml", "pretrained")
 
 
-def method_settings(method: str, lr: float, changes: dict[str, Any] | None = None) -> dict[str, Any]:
+def method_settings(
+    method: str, lr: float, changes: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """``lr``, ``steps`` and the hyper-parameters of ``method`` under this protocol: α = ``lr``,
     one inner step (at least the method's ``min_steps``), the table's defaults, then
     :data:`SETTINGS`, then ``changes``; checked against the method's record."""
     entry = get_method(method)
-    settings: dict[str, Any] = {"lr": lr, "steps": max(1, entry.min_steps),
-                                **SETTINGS.get(method, {}), **(changes or {})}
+    settings: dict[str, Any] = {
+        "lr": lr,
+        "steps": max(1, entry.min_steps),
+        **SETTINGS.get(method, {}),
+        **(changes or {}),
+    }
     extra = {k: v for k, v in settings.items() if k not in ("lr", "steps")}
-    return {"lr": float(settings["lr"]), "steps": entry.check_steps(settings["steps"]),
-            **entry.resolve(extra)}
+    return {
+        "lr": float(settings["lr"]),
+        "steps": entry.check_steps(settings["steps"]),
+        **entry.resolve(extra),
+    }
 
 
 @dataclass(frozen=True)
@@ -102,8 +111,10 @@ class SinusoidProtocol(Protocol):
     @classmethod
     def quick(cls, **changes: Any) -> SinusoidProtocol:
         """A few thousand iterations, one seed, a small evaluation (well under a minute)."""
-        return replace(cls(iterations=2_000, eval_tasks=200, training_seeds=(0,),
-                           checkpoint_every=1_000), **changes)
+        return replace(
+            cls(iterations=2_000, eval_tasks=200, training_seeds=(0,), checkpoint_every=1_000),
+            **changes,
+        )
 
     def settings(self, method: str) -> dict[str, Any]:
         """The inner-loop settings of ``method`` (see :func:`method_settings`)."""
@@ -115,9 +126,16 @@ DIVERGED = 100.0
 (the targets are at most 5 in magnitude: predicting 0 everywhere scores at most 25)."""
 
 
-def evaluate_sinusoid(params: dict[str, torch.Tensor], *, ks: tuple[int, ...], num_tasks: int,
-                      lr: float, steps: int, method: str | None = None,
-                      hypers: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+def evaluate_sinusoid(
+    params: dict[str, torch.Tensor],
+    *,
+    ks: tuple[int, ...],
+    num_tasks: int,
+    lr: float,
+    steps: int,
+    method: str | None = None,
+    hypers: dict[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
     """The protocol's evaluation of one model: per K, the mean query MSE over the test tasks
     after 0 … ``steps`` fine-tuning steps with its 95 % half-width, and how many tasks' fine-tuning
     diverged. Plain SGD with a fixed α diverges on a task whose support loss has curvature
@@ -127,8 +145,17 @@ def evaluate_sinusoid(params: dict[str, torch.Tensor], *, ks: tuple[int, ...], n
     counts the others."""
     out = {}
     for k in ks:
-        r = evaluate_tasks(make_mse_loss(mlp), params, SinusoidFamily(k_support=k), num_tasks=num_tasks,
-                           lr=lr, steps=steps, seed=eval_seed(k), method=method, hypers=hypers)
+        r = evaluate_tasks(
+            make_mse_loss(mlp),
+            params,
+            SinusoidFamily(k_support=k),
+            num_tasks=num_tasks,
+            lr=lr,
+            steps=steps,
+            seed=eval_seed(k),
+            method=method,
+            hypers=hypers,
+        )
         ok = (torch.isfinite(r.losses) & (r.losses < DIVERGED)).all(1)
         mean, half = mean_ci95(r.losses[ok]) if ok.any() else (r.loss, r.ci95)
         out[str(k)] = {"mean": mean.tolist(), "ci95": half.tolist(), "diverged": int((~ok).sum())}
@@ -146,16 +173,34 @@ class Sinusoid(Experiment):
         p: SinusoidProtocol = protocol
         settings = p.settings(method)
         lr, steps = settings.pop("lr"), settings.pop("steps")
-        config = TrainConfig(method, p.meta_batch_size, p.iterations, lr, p.meta_lr, steps,
-                             derived_seed(seed, 1), p.backend, checkpoint_every=p.checkpoint_every,
-                             hypers=settings)
+        config = TrainConfig(
+            method,
+            p.meta_batch_size,
+            p.iterations,
+            lr,
+            p.meta_lr,
+            steps,
+            derived_seed(seed, 1),
+            p.backend,
+            checkpoint_every=p.checkpoint_every,
+            hypers=settings,
+        )
         params = init_mlp(tuple(p.sizes), seed=seed, device=p.device)
         return Setup(make_mse_loss(mlp), params, SinusoidFamily(k_support=p.k_train), config)
 
-    def evaluate(self, protocol: Any, method: str, setup: Setup, params: dict[str, torch.Tensor]) -> Any:
+    def evaluate(
+        self, protocol: Any, method: str, setup: Setup, params: dict[str, torch.Tensor]
+    ) -> Any:
         p: SinusoidProtocol = protocol
-        return evaluate_sinusoid(params, ks=p.eval_k, num_tasks=p.eval_tasks, lr=p.lr,
-                                 steps=p.eval_steps, method=method, hypers=dict(setup.config.hypers))
+        return evaluate_sinusoid(
+            params,
+            ks=p.eval_k,
+            num_tasks=p.eval_tasks,
+            lr=p.lr,
+            steps=p.eval_steps,
+            method=method,
+            hypers=dict(setup.config.hypers),
+        )
 
     def results(self, protocol: Any, runs: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
         p: SinusoidProtocol = protocol
@@ -168,8 +213,11 @@ class Sinusoid(Experiment):
                 "ci95": "95 % half-width over test tasks, 1.96·σ/√N, averaged over training seeds",
                 "seed_sd": "standard deviation of the test-task mean over training seeds (n − 1)",
             },
-            "paper": {"source": PAPER_SOURCE, "k": 5,
-                      "mse": {m: {str(j): v for j, v in r.items()} for m, r in PAPER_FIG3.items()}},
+            "paper": {
+                "source": PAPER_SOURCE,
+                "k": 5,
+                "mse": {m: {str(j): v for j, v in r.items()} for m, r in PAPER_FIG3.items()},
+            },
             "methods": {},
         }
         models = {}  # every finished run's parameters, for the notebooks (models.pt, weights only)
@@ -177,14 +225,20 @@ class Sinusoid(Experiment):
             by_seed = {str(s): runs[f"{method}/seed{s}"] for s in p.training_seeds}
             finished = {s: r for s, r in by_seed.items() if "eval" in r}
             for seed in finished:
-                models[f"{method}-seed{seed}"] = _checkpoint.load_checkpoint(run_dir(out, method, int(seed))).params
+                models[f"{method}-seed{seed}"] = _checkpoint.load_checkpoint(
+                    run_dir(out, method, int(seed))
+                ).params
             record: dict[str, Any] = {"settings": p.settings(method), "runs": by_seed}
             if finished:
-                record["summary"] = {str(k): over_seeds([r["eval"][str(k)] for r in finished.values()])
-                                     for k in p.eval_k}
+                record["summary"] = {
+                    str(k): over_seeds([r["eval"][str(k)] for r in finished.values()])
+                    for k in p.eval_k
+                }
             results["methods"][method] = record
-        _files.save_torch(out / "models.pt", {k: {n: t.detach().cpu() for n, t in v.items()}
-                                              for k, v in models.items()})
+        _files.save_torch(
+            out / "models.pt",
+            {k: {n: t.detach().cpu() for n, t in v.items()} for k, v in models.items()},
+        )
         return results
 
     def checks(self, results: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
@@ -201,23 +255,28 @@ class Sinusoid(Experiment):
             for k in results["protocol"]["eval_k"]:
                 m, p = summary["maml"][str(k)], summary["pretrained"][str(k)]
                 upper, lower = m["mean"][-1] + interval(m, -1), p["mean"][-1] - interval(p, -1)
-                checks.append({
-                    "name": f"MAML beats pretrained, K={k}, {len(m['mean']) - 1} steps",
-                    "passed": bool(upper < lower),
-                    "detail": f"MAML {m['mean'][-1]:.3f} ± {interval(m, -1):.3f} vs pretrained "
-                    f"{p['mean'][-1]:.3f} ± {interval(p, -1):.3f} (intervals must not overlap)",
-                })
+                checks.append(
+                    {
+                        "name": f"MAML beats pretrained, K={k}, {len(m['mean']) - 1} steps",
+                        "passed": bool(upper < lower),
+                        "detail": f"MAML {m['mean'][-1]:.3f} ± {interval(m, -1):.3f} vs pretrained "
+                        f"{p['mean'][-1]:.3f} ± {interval(p, -1):.3f} (intervals must not overlap)",
+                    }
+                )
         if not quick and "maml" in summary and "5" in summary["maml"]:
             curve = summary["maml"]["5"]
             for step, reading in PAPER_FIG3["maml"].items():
                 if step < len(curve["mean"]):
                     value, half = curve["mean"][step], interval(curve, step)
-                    checks.append({
-                        "name": f"MAML 5-shot MSE after {step} step(s) <= {reading} (Fig. 3 reading) "
-                        "+ its interval",
-                        "passed": bool(value <= reading + half),
-                        "detail": f"{value:.3f} ± {half:.3f} vs Fig. 3 reading {reading}",
-                    })
+                    checks.append(
+                        {
+                            "name": f"MAML 5-shot MSE after {step} step(s) <= {reading} "
+                            "(Fig. 3 reading) "
+                            "+ its interval",
+                            "passed": bool(value <= reading + half),
+                            "detail": f"{value:.3f} ± {half:.3f} vs Fig. 3 reading {reading}",
+                        }
+                    )
         return checks
 
     def markdown(self, results: dict[str, Any]) -> str:
@@ -239,7 +298,7 @@ EXPERIMENT = Sinusoid()
 
 
 def reproduce_sinusoid(out: str | Path, **options: Any) -> dict[str, Any]:
-    """``reproduce("sinusoid", out, **options)`` (see :func:`mamlkit._experiments.common.reproduce`)."""
+    """``reproduce("sinusoid", out, **options)`` (:func:`mamlkit._experiments.common.reproduce`)."""
     from .common import reproduce
 
     return reproduce("sinusoid", out, **options)
@@ -261,15 +320,20 @@ def _diverged_note(results: dict[str, Any]) -> str:
         for k, curve in record.get("summary", {}).items():
             counts = curve.get("diverged", [])
             if any(counts):
-                notes.append(f"{method}, K = {k}: {'/'.join(map(str, counts))} of "
-                             f"{results['protocol']['eval_tasks']} test tasks (per seed)")
+                notes.append(
+                    f"{method}, K = {k}: {'/'.join(map(str, counts))} of "
+                    f"{results['protocol']['eval_tasks']} test tasks (per seed)"
+                )
     if not notes:
         return ""
-    return ("\nPlain SGD fine-tuning diverged (query MSE non-finite or above 100) on "
-            + "; ".join(notes) + ". Those tasks are left out of the means above (the same tasks at "
-            "every step); with them a mean is infinite. Fixed-step SGD diverges along support-loss "
-            "curvature h > 2/α, and a meta-trained model is sharp enough to meet that on a few "
-            "five-point tasks.\n")
+    return (
+        "\nPlain SGD fine-tuning diverged (query MSE non-finite or above 100) on "
+        + "; ".join(notes)
+        + ". Those tasks are left out of the means above (the same tasks at "
+        "every step); with them a mean is infinite. Fixed-step SGD diverges along support-loss "
+        "curvature h > 2/α, and a meta-trained model is sharp enough to meet that on a few "
+        "five-point tasks.\n"
+    )
 
 
 def _markdown(results: dict[str, Any]) -> str:
@@ -277,21 +341,34 @@ def _markdown(results: dict[str, Any]) -> str:
     proto = results["protocol"]
     seeds = results["training_seeds"]
     several = len(seeds) > 1
-    rows = ["| method | K | MSE, 0 steps | 1 step | 5 steps | 10 steps |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| method | K | MSE, 0 steps | 1 step | 5 steps | 10 steps |",
+        "|---|---|---|---|---|---|",
+    ]
     for method, record in results["methods"].items():
         for k, curve in record.get("summary", {}).items():
-            rows.append(f"| {method} | {k} | " + " | ".join(_cell(curve, j, several) for j in (0, 1, 5, 10)) + " |")
+            rows.append(
+                f"| {method} | {k} | "
+                + " | ".join(_cell(curve, j, several) for j in (0, 1, 5, 10))
+                + " |"
+            )
     for method, reading in PAPER_FIG3.items():
         cells = " | ".join(f"{reading[j]:.2f}" for j in (1, 5, 10))
         rows.append(f"| {method}, {PAPER_SOURCE} | 5 | — | {cells} |")
-    timing = ", ".join(f"{m}/seed {s} {r['train_seconds']:.0f} s"
-                       for m, rec in results["methods"].items() for s, r in rec["runs"].items())
+    timing = ", ".join(
+        f"{m}/seed {s} {r['train_seconds']:.0f} s"
+        for m, rec in results["methods"].items()
+        for s, r in rec["runs"].items()
+    )
     warnings = "".join(f"- {w}\n" for w in results["warnings"])
     reduced = " (REDUCED: fewer meta-iterations than the paper's)" if results["reduced"] else ""
-    plus = ("mean over the training seeds ± the 95 % half-width over test tasks (1.96·σ/√N, "
-            "averaged over seeds), with the between-seed standard deviation in parentheses"
-            if several else "mean ± the 95 % half-width over test tasks (1.96·σ/√N); one training "
-            "seed, so the spread between training runs is not measured")
+    plus = (
+        "mean over the training seeds ± the 95 % half-width over test tasks (1.96·σ/√N, "
+        "averaged over seeds), with the between-seed standard deviation in parentheses"
+        if several
+        else "mean ± the 95 % half-width over test tasks (1.96·σ/√N); one training "
+        "seed, so the spread between training runs is not measured"
+    )
     figures = "".join(f"\n![{f}]({f})\n" for f in results.get("figures", []))
     return f"""# Sinusoid regression (Finn et al. 2017, §5.1), {results["mode"]} mode{reduced}
 
@@ -310,7 +387,8 @@ The paper's pretrained baseline was fine-tuned with step 0.01 for K = 5 and 0.02
 
 Inner-loop settings: {json.dumps({m: proto["settings"][m] for m in results["methods"]})}
 
-Training time ({results["environment"]["workers"]} worker(s), wall {results["environment"]["wall_seconds"]} s): \
+Training time ({results["environment"]["workers"]} worker(s), \
+wall {results["environment"]["wall_seconds"]} s): \
 {timing}.
 
 ## Checks
@@ -333,7 +411,9 @@ def _figures(results: dict[str, Any], out: Path) -> list[str]:
         curve = next(r["learning_curve"] for r in record["runs"].values() if "learning_curve" in r)
         ax.plot(curve["iteration"], curve["meta_loss"], label=method)
     ax.set(xlabel="meta-iteration", ylabel="query MSE after adaptation", yscale="log")
-    ax.set_title(f"Meta-training, seed {results['training_seeds'][0]} (binned means)", fontsize="medium")
+    ax.set_title(
+        f"Meta-training, seed {results['training_seeds'][0]} (binned means)", fontsize="medium"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=100)
@@ -358,10 +438,15 @@ def _figures(results: dict[str, Any], out: Path) -> list[str]:
     plt.close(fig)
 
     models = torch.load(out / "models.pt", weights_only=True)
-    first = {m: models[f"{m}-seed{results['training_seeds'][0]}"] for m in ("maml", "pretrained")
-             if f"{m}-seed{results['training_seeds'][0]}" in models}
+    first = {
+        m: models[f"{m}-seed{results['training_seeds'][0]}"]
+        for m in ("maml", "pretrained")
+        if f"{m}-seed{results['training_seeds'][0]}" in models
+    }
     if first:
-        fig, axes = plt.subplots(1, len(first), figsize=(5 * len(first), 3.5), sharey=True, squeeze=False)
+        fig, axes = plt.subplots(
+            1, len(first), figsize=(5 * len(first), 3.5), sharey=True, squeeze=False
+        )
         for ax, (method, params) in zip(axes[0], first.items()):
             plot_adaptation(ax, params, k=5, lr=results["protocol"]["lr"])
             ax.set_title(f"{method}, K = 5")
@@ -372,14 +457,18 @@ def _figures(results: dict[str, Any], out: Path) -> list[str]:
     return written
 
 
-def plot_adaptation(ax: Any, params: dict[str, torch.Tensor], *, k: int, lr: float, seed: int = 123) -> None:
+def plot_adaptation(
+    ax: Any, params: dict[str, torch.Tensor], *, k: int, lr: float, seed: int = 123
+) -> None:
     """Fig. 2 of the paper on one held-out task: the prediction before and after 1 and 10 SGD
     steps on K points, the true function, and the K points used for the gradient."""
     from .._metagrad import adapt
     from .._tasks import sample_sinusoid_tasks, sinusoid_grid
 
     dtype = next(iter(params.values())).dtype
-    task = sample_sinusoid_tasks(1, k_support=k, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    task = sample_sinusoid_tasks(
+        1, k_support=k, generator=torch.Generator().manual_seed(seed), dtype=dtype
+    )
     support = (task.support[0][0], task.support[1][0])
     x, y = sinusoid_grid(task.amplitude, task.phase)
     loss = make_mse_loss(mlp)
