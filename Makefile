@@ -11,6 +11,13 @@ STAMP  := $(VENV)/.mamlkit-installed
 export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 
+# torch's CPU build (about 1 GB) rather than PyPI's default CUDA build on Linux (about 5 GB):
+# PyTorch's CPU wheel index is added where it answers within 3 s; where it does not (CI, offline
+# mirrors) pip's own indexes are used, quietly. Choose another build with, e.g.,
+# `make TORCH_INDEX=https://download.pytorch.org/whl/cu126`, or `make TORCH_INDEX=` for PyPI's.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX_FLAG = $(if $(TORCH_INDEX),$(shell $(PYTHON) -c "import urllib.request; urllib.request.urlopen('$(TORCH_INDEX)', timeout=3)" >/dev/null 2>&1 && echo --extra-index-url $(TORCH_INDEX)))
+
 # JupyterLab refuses to start as root (containers, CI boxes) unless told it may.
 LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 
@@ -24,11 +31,11 @@ CELL_TIMEOUT ?= 300
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
-	@echo "First run: creating $(VENV) and installing mamlkit with torch 2.13.0 (CPU), JupyterLab and the"
-	@echo "test tools from pyproject.toml + constraints.txt (a few minutes, about 1 GB; once only)."
+	@echo "First run: creating $(VENV) and installing mamlkit with torch 2.13.0 (CPU build), JupyterLab"
+	@echo "and the test tools from pyproject.toml + constraints.txt (a few minutes, about 1 GB; once)."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet $(TORCH_INDEX_FLAG) -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 

@@ -14,6 +14,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from . import _startup
+
+if _startup.running_the_cli():  # before torch loads: a signal now is one line, not a traceback
+    _startup.quiet_signals()
+
 from ._backends import BACKENDS
 from ._curvature import cross_entropy_hessian_parts, hessian, hvp, mse_hessian_parts
 from ._estimators import (

@@ -32,8 +32,8 @@ from torch import Tensor
 from torch.func import vmap
 
 from . import _compiled, _fused
-from ._adam import Adam, AdamState
 from ._methods import Method
+from ._optim import Adam, AdamState
 from ._params import Batch, LossFn, Params, tree_detach
 
 

@@ -17,12 +17,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._adam import AdamState
 from ._files import save_torch
+from ._optim import AdamState, OptimizerState, state_record
 from ._params import Params
 
 FORMAT = "mamlkit-checkpoint"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
+"""Format 1 held Adam's state as ``adam_step``/``adam_m``/``adam_v``; format 2 holds any
+optimizer's, as ``optimizer`` (see :func:`mamlkit._optim.state_record`)."""
 FILENAME = "checkpoint.pt"
 STATUSES = ("running", "interrupted", "diverged", "finished")
 
@@ -32,7 +35,9 @@ class Checkpoint(NamedTuple):
 
     Attributes:
         params: θ after ``iteration`` meta-iterations.
-        adam: Adam's state at that point.
+        optimizer: the optimizer's state at that point: an :class:`AdamState` for the built-in
+            Adam, else the record of :func:`mamlkit._optim.state_record` (a torch optimizer's
+            ``state_dict``).
         iteration: how many meta-iterations are done.
         generator: the task generator's state (``torch.Generator.get_state()``).
         history: (iteration,) float64, the meta-loss of every finished iteration.
@@ -41,7 +46,7 @@ class Checkpoint(NamedTuple):
     """
 
     params: Params
-    adam: AdamState
+    optimizer: OptimizerState | dict[str, Any]
     iteration: int
     generator: Tensor
     history: Tensor
@@ -73,9 +78,9 @@ def save_checkpoint(checkpoint: Checkpoint, location: str | Path) -> Path:
         "format": FORMAT,
         "version": VERSION,
         "params": cpu,
-        "adam_step": checkpoint.adam.step,
-        "adam_m": {k: v.detach().cpu() for k, v in checkpoint.adam.m.items()},
-        "adam_v": {k: v.detach().cpu() for k, v in checkpoint.adam.v.items()},
+        "optimizer": checkpoint.optimizer
+        if isinstance(checkpoint.optimizer, dict)
+        else state_record(checkpoint.optimizer),
         "iteration": checkpoint.iteration,
         "generator": checkpoint.generator.cpu(),
         "history": checkpoint.history.detach().cpu().to(torch.float64),
@@ -87,9 +92,7 @@ def save_checkpoint(checkpoint: Checkpoint, location: str | Path) -> Path:
 
 _KEYS = (
     "params",
-    "adam_step",
-    "adam_m",
-    "adam_v",
+    "optimizer",
     "iteration",
     "generator",
     "history",
@@ -116,11 +119,18 @@ def load_checkpoint(location: str | Path) -> Checkpoint:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {reason[:300]}") from error
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a mamlkit checkpoint")
-    if record.get("version") != VERSION:
+    if record.get("version") not in READS:
         raise CheckpointError(
             f"{str(path)!r} has format version {record.get('version')!r}; "
-            f"this mamlkit reads version {VERSION}"
+            f"this mamlkit reads versions {READS}"
         )
+    if record["version"] == 1 and all(k in record for k in ("adam_step", "adam_m", "adam_v")):
+        record["optimizer"] = {
+            "kind": "adam",
+            "step": record["adam_step"],
+            "m": record["adam_m"],
+            "v": record["adam_v"],
+        }
     missing = [k for k in _KEYS if k not in record]
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks {missing}")
@@ -128,16 +138,22 @@ def load_checkpoint(location: str | Path) -> Checkpoint:
         config = json.loads(record["config"])
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable config") from error
-    params, m, v = record["params"], record["adam_m"], record["adam_v"]
+    params, optimizer = record["params"], record["optimizer"]
     history, iteration = record["history"], record["iteration"]
+    adam = isinstance(optimizer, dict) and optimizer.get("kind") == "adam"
     consistent = (
         isinstance(params, dict)
         and params
-        and set(m) == set(params) == set(v)
-        and all(
-            isinstance(t, Tensor) and t.shape == params[k].shape
-            for d in (m, v)
-            for k, t in d.items()
+        and isinstance(optimizer, dict)
+        and optimizer.get("kind") in ("adam", "torch")
+        and (not adam or set(optimizer["m"]) == set(params) == set(optimizer["v"]))
+        and (
+            not adam
+            or all(
+                isinstance(t, Tensor) and t.shape == params[k].shape
+                for d in (optimizer["m"], optimizer["v"])
+                for k, t in d.items()
+            )
         )
         and isinstance(iteration, int)
         and isinstance(history, Tensor)
@@ -153,7 +169,7 @@ def load_checkpoint(location: str | Path) -> Checkpoint:
         )
     return Checkpoint(
         params,
-        AdamState(record["adam_step"], m, v),
+        AdamState(optimizer["step"], optimizer["m"], optimizer["v"]) if adam else optimizer,
         iteration,
         record["generator"],
         history,

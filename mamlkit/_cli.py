@@ -84,6 +84,8 @@ def _device(parser: argparse.ArgumentParser, name: str) -> str:
             "argument --device: CUDA is not available in this torch build "
             f"({torch.__version__}); use --device cpu"
         )
+    if device.type == "meta":
+        parser.error("argument --device: the meta device holds no values; use cpu or cuda")
     if device.type == "mps" and not torch.backends.mps.is_available():
         parser.error("argument --device: MPS is not available here; use --device cpu")
     return name
@@ -136,27 +138,64 @@ def _verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0 if all(c.passed for c in checks) else 1
 
 
+TASK_FLAGS: dict[str, dict[str, str]] = {
+    "sinusoid": {"k": "k_train", "sizes": "sizes"},
+    "glyphs": {"ways": "ways", "shots": "train_shots", "channels": "channels"},
+}
+"""Each task's own flags and the protocol field each sets."""
+
+COMMON_FLAGS = (
+    "iterations",
+    "meta_batch_size",
+    "meta_lr",
+    "backend",
+    "checkpoint_every",
+    "schedule",
+)
+
+
+def _protocol(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """The task's protocol with the command line's changes; a flag of another task is a usage
+    error."""
+    from dataclasses import replace
+
+    from ._experiments.common import get_experiment
+
+    experiment = get_experiment(args.task)
+    for task, flags in TASK_FLAGS.items():
+        for flag in flags:
+            if task != args.task and getattr(args, flag) is not None:
+                parser.error(f"argument --{flag}: applies to --task {task}, not {args.task}")
+    changes = {
+        name: getattr(args, name) for name in COMMON_FLAGS if getattr(args, name) is not None
+    }
+    changes.update(
+        {
+            field: getattr(args, flag)
+            for flag, field in TASK_FLAGS[args.task].items()
+            if getattr(args, flag) is not None
+        }
+    )
+    if "sizes" in changes:
+        changes["sizes"] = tuple(changes["sizes"])
+    changes["device"] = _device(parser, args.device)
+    changes["changes"] = {args.method: _method_changes(parser, args)}
+    protocol = replace(experiment.protocol_type(), **changes)
+    try:
+        return experiment, protocol, experiment.setup(protocol, args.method, args.seed)
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+        raise  # unreachable
+
+
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ._experiments.sinusoid import EXPERIMENT, SinusoidProtocol
     from ._files import check_writable_folder
     from ._train import run_training
 
-    device = _device(parser, args.device)
-    protocol = SinusoidProtocol(
-        sizes=tuple(args.sizes),
-        k_train=args.k,
-        meta_batch_size=args.meta_batch_size,
-        iterations=args.iterations,
-        meta_lr=args.meta_lr,
-        backend=args.backend,
-        device=device,
-        checkpoint_every=args.checkpoint_every,
-        changes={args.method: _method_changes(parser, args)},
-    )
-    try:
-        setup = EXPERIMENT.setup(protocol, args.method, args.seed)
-    except (TypeError, ValueError) as error:
-        parser.error(str(error))
+    if args.resume and args.overwrite:
+        parser.error("argument --overwrite: not allowed with argument --resume")
+    _needs_matplotlib(parser, args.task)
+    _, protocol, setup = _protocol(parser, args)
     out = check_writable_folder(args.out, "--out")
     if args.resume and not (out / "checkpoint.pt").is_file():
         parser.error(f"argument --resume: no checkpoint in {str(out)!r} to resume")
@@ -167,50 +206,96 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         setup.sample_tasks,
         checkpoint_dir=out,
         resume=args.resume,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
-        log_every=max(1, args.iterations // 10),
+        log_every=max(1, protocol.iterations // 10),
     )
-    tail = result.history[-max(1, args.iterations // 20) :]
+    tail = result.history[-max(1, protocol.iterations // 20) :]
     final = f"{tail.mean().item():.4f}" if tail.numel() else "n/a"
     print(
-        f"{args.method}: {args.iterations} iterations ({result.config['backend']} backend), "
-        f"final meta-loss {final}; wrote {out / 'checkpoint.pt'}"
+        f"{args.method} on {args.task}: {protocol.iterations} iterations "
+        f"({result.config['backend']} backend), final meta-loss {final}; wrote "
+        f"{out / 'checkpoint.pt'}"
     )
     return 0
+
+
+def _needs_matplotlib(parser: argparse.ArgumentParser, task: str) -> None:
+    """The glyph benchmark renders characters from matplotlib's fonts: one line if it is missing."""
+    if task == "glyphs":
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error(
+                "the glyph benchmark needs matplotlib (its fonts): pip install 'mamlkit[glyphs]'"
+            )
 
 
 def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import json
 
     from ._checkpoint import load_checkpoint
-    from ._experiments.sinusoid import evaluate_sinusoid
 
     _output_file(parser, "--json", args.json)
     saved = load_checkpoint(args.checkpoint)
-    curves = evaluate_sinusoid(
-        saved.params,
-        ks=tuple(args.k),
-        num_tasks=args.tasks,
-        lr=args.lr,
-        steps=args.steps,
-        method=saved.config.get("method"),
-        hypers=saved.config.get("hypers"),
-    )
-    print(f"| K | {' | '.join(f'{j} steps' for j in range(args.steps + 1))} |")
-    for k, curve in curves.items():
-        print(
-            f"| {k} | "
-            + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in zip(curve["mean"], curve["ci95"]))
-            + " |"
+    task = "glyphs" if _describes(saved.config.get("tasks"), "GlyphFamily") else "sinusoid"
+    _needs_matplotlib(parser, task)
+    method, hypers = saved.config.get("method"), saved.config.get("hypers") or {}
+    lr = args.lr if args.lr is not None else saved.config.get("lr", 0.01)
+    if task == "sinusoid":
+        from ._experiments.sinusoid import evaluate_sinusoid
+
+        ks = tuple(args.k or (5, 10, 20))
+        curves = evaluate_sinusoid(
+            saved.params,
+            ks=ks,
+            num_tasks=args.tasks,
+            lr=lr,
+            steps=args.steps,
+            method=method,
+            hypers=hypers,
         )
+        rows = {f"K = {k}": (c["mean"], c["ci95"]) for k, c in curves.items()}
+        what, scale, digits = "query MSE", 1.0, 3
+    else:
+        from ._experiments.glyphs import GlyphProtocol, evaluate_glyphs, model
+
+        shapes = saved.config["param_shapes"]
+        channels, ways = shapes["0.weight"][0], shapes[list(shapes)[-1]][0]
+        protocol = GlyphProtocol(
+            ways=ways,
+            channels=channels,
+            eval_shots=tuple(args.k or (1, 5)),
+            eval_tasks=args.tasks,
+            lr=lr,
+            eval_steps=args.steps,
+        )
+        loss = model(channels, ways, 0)[1]
+        curves = evaluate_glyphs(saved.params, loss, protocol, method, hypers)
+        rows = {f"{ways}-way {k}-shot": (c["accuracy"], c["ci95"]) for k, c in curves.items()}
+        what, scale, digits = "query accuracy (%)", 100.0, 1
+    print(
+        f"{what} after 0 … {args.steps} fine-tuning steps of α = {lr} ({method}'s adaptation);\n"
+        f"each cell: mean ± 95 % half-width over {args.tasks} test tasks"
+    )
+    print("| steps | " + " | ".join(rows) + " |")
+    print("|---" * (len(rows) + 1) + "|")
+    for j in range(args.steps + 1):
+        cells = [f"{scale * m[j]:.{digits}f} ± {scale * h[j]:.{digits}f}" for m, h in rows.values()]
+        print(f"| {j} | " + " | ".join(cells) + " |")
     if args.json is not None:
         Path(args.json).write_text(json.dumps(curves, indent=1) + "\n")
     return 0
 
 
+def _describes(record: object, type_name: str) -> bool:
+    return isinstance(record, dict) and record.get("type") == type_name
+
+
 def _reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ._experiments.common import reproduce
 
+    _needs_matplotlib(parser, args.experiment)
     quick = "_quick" if args.quick else ""
     out = args.out or f"results/{args.experiment}{quick}"
     results = reproduce(
@@ -224,6 +309,7 @@ def _reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         workers=args.workers,
         backend=args.backend,
         resume=args.resume,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
         figures=not args.no_figures,
     )
@@ -282,7 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         formatter_class=_Formatter,
-        help="meta-train a sinusoid regressor (checkpointed, resumable)",
+        help="meta-train on a task family (checkpointed, resumable)",
+        description="Meta-train on the sinusoid regression family (a 1-40-40-1 MLP) or the offline "
+        "glyph benchmark (the paper's conv net). Unset settings are the task's protocol "
+        "(`reproduce` runs the same).",
+    )
+    train.add_argument(
+        "--task",
+        choices=tuple(EXPERIMENTS),
+        default="sinusoid",
+        help="the task family and its network",
     )
     train.add_argument(
         "--method",
@@ -291,19 +386,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()),
     )
     train.add_argument(
-        "--out", required=True, help="folder for checkpoint.pt (checked before training)"
+        "--out",
+        required=True,
+        help="folder for checkpoint.pt (checked, and locked, before training)",
     )
+    protocol = "default: the task's protocol"
     train.add_argument(
         "--iterations",
         type=_nonnegative,
-        default=70_000,
-        help="meta-iterations (the paper's 70,000)",
+        default=None,
+        help=f"meta-iterations ({protocol}: sinusoid 70,000, glyphs 2,000)",
     )
     train.add_argument(
-        "--meta-batch-size", type=_positive, default=25, help="tasks per meta-iteration"
+        "--meta-batch-size",
+        type=_positive,
+        default=None,
+        help=f"tasks per meta-iteration ({protocol})",
     )
-    train.add_argument("--k", type=_positive, default=10, help="support (= query) points per task")
-    train.add_argument("--meta-lr", type=_float, default=1e-3, help="Adam's step size β")
+    train.add_argument(
+        "--meta-lr",
+        type=_float,
+        default=None,
+        help=f"the meta-optimizer's step size β ({protocol})",
+    )
+    train.add_argument(
+        "--schedule",
+        choices=("constant", "cosine"),
+        default=None,
+        help="β throughout, or annealed to 0 along a cosine (default: constant)",
+    )
     train.add_argument(
         "--lr", type=_float, default=None, help="inner step size α (default: the method's setting)"
     )
@@ -321,7 +432,32 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{hyper.help} (default: the method's setting)",
         )
     train.add_argument(
-        "--sizes", type=_positive, nargs="+", default=[1, 40, 40, 1], help="MLP layer widths"
+        "--k",
+        type=_positive,
+        default=None,
+        help="sinusoid: support (= query) points per task (default 10)",
+    )
+    train.add_argument(
+        "--sizes",
+        type=_positive,
+        nargs="+",
+        default=None,
+        help="sinusoid: MLP layer widths (default 1 40 40 1)",
+    )
+    train.add_argument(
+        "--ways", type=_positive, default=None, help="glyphs: classes per task, N-way (default 5)"
+    )
+    train.add_argument(
+        "--shots",
+        type=_positive,
+        default=None,
+        help="glyphs: training images per class, K-shot (default 1)",
+    )
+    train.add_argument(
+        "--channels",
+        type=_positive,
+        default=None,
+        help="glyphs: conv channels (default 16; the paper 64)",
     )
     train.add_argument(
         "--seed", type=_seed, default=0, help="initialisation seed (tasks use seed + 1)"
@@ -330,15 +466,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--backend",
         choices=BACKEND_CHOICES,
-        default="auto",
-        help="meta-gradient backend (auto: fused-compiled from 20,000 iterations, "
-        "else fused; vmap for a method without a fused kernel)",
+        default=None,
+        help="meta-gradient backend (default auto: fused-compiled from 20,000 "
+        "iterations, else fused; vmap for other models and methods)",
     )
     train.add_argument(
-        "--checkpoint-every", type=_positive, default=1_000, help="iterations between checkpoints"
+        "--checkpoint-every",
+        type=_positive,
+        default=None,
+        help=f"iterations between checkpoints ({protocol})",
     )
     train.add_argument(
         "--resume", action="store_true", help="continue the run checkpointed in --out"
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace the run checkpointed in --out"
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train, command_parser=train)
@@ -346,15 +488,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate",
         formatter_class=_Formatter,
-        help="fine-tune a trained sinusoid regressor on fresh tasks",
+        help="fine-tune a trained model on fresh test tasks",
+        description="Fine-tune a model written by `train` on fresh test tasks of its family "
+        "(sinusoid: query MSE; glyphs: accuracy on meta-test characters) after 0 … --steps steps.",
     )
     evaluate.add_argument("checkpoint", help="folder (or checkpoint.pt) written by `train`")
     evaluate.add_argument(
-        "--k", type=_positive, nargs="+", default=[5, 10, 20], help="support points per test task"
+        "--k",
+        type=_positive,
+        nargs="+",
+        default=None,
+        help="support points (sinusoid, default 5 10 20) or shots (glyphs, "
+        "default 1 5) per test task",
     )
-    evaluate.add_argument("--tasks", type=_positive, default=600, help="test tasks per K")
+    evaluate.add_argument("--tasks", type=_positive, default=600, help="test tasks per setting")
     evaluate.add_argument("--steps", type=_nonnegative, default=10, help="fine-tuning steps")
-    evaluate.add_argument("--lr", type=_float, default=0.01, help="fine-tuning step size")
+    evaluate.add_argument(
+        "--lr", type=_float, default=None, help="fine-tuning step size (default: the run's inner α)"
+    )
     evaluate.add_argument("--json", default=None, help="also write the curves to this file")
     evaluate.set_defaults(run=_evaluate, command_parser=evaluate)
 
@@ -399,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reproduce.add_argument(
         "--resume", action="store_true", help="continue the runs checkpointed in --out"
+    )
+    reproduce.add_argument(
+        "--overwrite", action="store_true", help="replace the runs checkpointed in --out"
     )
     reproduce.add_argument("--no-progress", action="store_true", help="no progress output")
     reproduce.add_argument("--no-figures", action="store_true", help="skip the PNG figures")

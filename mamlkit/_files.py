@@ -10,9 +10,11 @@ one. Files get the permissions the user's umask gives a new file (``tempfile`` a
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -82,13 +84,45 @@ def atomic_produce(path: str | Path, produce: Callable[[str], Any]) -> Path:
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         os.close(fd)
-        produce(tmp)
+        try:
+            produce(tmp)
+        except (OSError, RuntimeError) as error:  # a full disk: ENOSPC, or torch's zip writer
+            if isinstance(error, RuntimeError) and "inline_container" not in str(error):
+                raise
+            reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0][:120]
+            raise OSError(f"cannot write {path} ({reason}): is the disk full?") from error
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     _fsync_folder(path.parent)
     return path
+
+
+LOCK_NAME = ".mamlkit.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``fcntl.flock`` on ``folder/.mamlkit.lock``) for the
+    block: a second process that asks for it gets a ``ValueError`` naming the folder and the
+    holder at once. The kernel releases the lock when the holder exits, however it exits."""
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise ValueError(
+                f"{name} {str(folder)!r} is in use by another mamlkit run ({holder}); wait for it, "
+                "or use another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -138,6 +172,7 @@ __all__ = [
     "atomic_write",
     "cache_dir",
     "check_writable_folder",
+    "folder_lock",
     "remove_temporaries",
     "save_torch",
     "temporary_name",

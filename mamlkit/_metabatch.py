@@ -88,7 +88,7 @@ def check_problem(
 ) -> Problem:
     """Check every input once; the :class:`Problem` they make.
 
-    The loss is evaluated once here, on the first task's support set, under the guard of
+    The loss is evaluated once here, on the first task's support and query sets, under the guard of
     :func:`mamlkit._checks.exact_passes` (a loss that draws random numbers, or returns no
     floating-point scalar, is refused now); the plan's runners then evaluate it unguarded."""
     entry = get_method(method)
@@ -100,7 +100,8 @@ def check_problem(
     steps = entry.check_steps(steps)
     resolved = entry.resolve(hypers or {})
     with torch.no_grad():
-        guarded(checked, (support[0][0], support[1][0]))
+        for x, y in (support, query):
+            guarded(checked, (x[0], y[0]))
     return Problem(
         entry,
         resolved,

@@ -49,6 +49,13 @@ def init_mlp(
     if scheme not in ("torch", "paper"):
         raise ValueError(f"scheme must be 'torch' or 'paper', got {scheme!r}")
     dtype = dtype or torch.get_default_dtype()
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}"
+            ) from error
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
     gen = torch.Generator().manual_seed(check_seed(seed))

@@ -20,21 +20,27 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-from ._adam import Adam, AdamState, _clip_global_norm
 from ._backends import BACKENDS, StepRunner, candidates
-from ._checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
+from ._checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ._checks import (
     check_bool,
     check_callable,
     check_finite,
     check_int,
+    check_nonnegative,
     check_params,
     check_positive,
     check_positive_int,
@@ -42,17 +48,27 @@ from ._checks import (
     checked_loss,
     reference_tensor,
 )
-from ._files import check_writable_folder, remove_temporaries
+from ._files import check_writable_folder, folder_lock, remove_temporaries
 from ._metabatch import Plan, plan_meta_batch
 from ._methods import get_method
+from ._optim import (
+    Adam,
+    CosineSchedule,
+    OptimizerState,
+    TorchOptimizer,
+    TorchOptimizerState,
+    _clip_global_norm,
+    restore_state,
+    state_record,
+)
 from ._params import Batch, LossFn, Params, tree_detach
 
 AUTO_COMPILE_ITERATIONS = 20_000
 """``backend="auto"`` compiles (for the built-in MLP) from this many iterations on: a cold
 compile costs 15–45 s, which the compiled kernels win back within about this many iterations."""
 
-RESUMABLE = ("iterations", "checkpoint_every", "train_seconds")
-"""Record entries a resumed run may change."""
+SCHEDULES = ("constant", "cosine")
+"""The meta-optimizer's step-size schedules."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,16 +80,23 @@ class TrainConfig:
         meta_batch_size: T ≥ 1 tasks per iteration.
         iterations: the number of meta-iterations ≥ 0 (the total, when resuming).
         lr: the inner step size α.
-        meta_lr: Adam's step size β > 0.
+        meta_lr: the meta-optimizer's step size β > 0 (its start, with a schedule).
         steps: inner steps k (≥ the method's ``min_steps``).
         seed: seeds the task generator (0 … 2⁶⁴ − 1).
         backend: a choice of :data:`mamlkit.BACKENDS` or ``"auto"``/``"compiled"``; ``"auto"``
             compiles the built-in MLP from :data:`AUTO_COMPILE_ITERATIONS` iterations on, runs
             the fused kernels below that, and vmap for anything else.
         max_grad_norm: off (``None``) or a bound c > 0 on the global L2 norm of the
-            meta-gradient, ``g ← g·min(1, c/(‖g‖ + 10⁻⁶))``, before the Adam step.
+            meta-gradient, ``g ← g·min(1, c/(‖g‖ + 10⁻⁶))``, before the optimizer step.
         checkpoint_every: the checkpoint period in iterations, or ``None``.
         hypers: the method's own hyper-parameters (defaults filled in).
+        optimizer: the meta-optimizer, a value: :class:`mamlkit.train.Adam` (the default; with
+            the ``fused-compiled`` backend gradient, clip and Adam run as one compiled program)
+            or :class:`mamlkit.train.TorchOptimizer` (any ``torch.optim`` class with its
+            arguments).
+        schedule: ``"constant"`` (β throughout) or ``"cosine"``: β annealed to ``min_meta_lr``
+            over ``iterations`` (:class:`mamlkit.train.CosineSchedule`, as MAML++).
+        min_meta_lr: the end of the cosine schedule (≥ 0).
     """
 
     method: str
@@ -87,6 +110,9 @@ class TrainConfig:
     max_grad_norm: float | None = None
     checkpoint_every: int | None = None
     hypers: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    optimizer: Adam | TorchOptimizer = dataclasses.field(default_factory=Adam)
+    schedule: str = "constant"
+    min_meta_lr: float = 0.0
 
     def __post_init__(self) -> None:
         entry = get_method(self.method)
@@ -100,6 +126,14 @@ class TrainConfig:
             "hypers": entry.resolve(self.hypers),
         }
         candidates(self.backend)
+        if not isinstance(self.optimizer, (Adam, TorchOptimizer)):
+            raise TypeError(
+                "optimizer must be mamlkit.train.Adam(...) or mamlkit.train.TorchOptimizer(cls, "
+                f"**kwargs), got {type(self.optimizer).__name__}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        checked["min_meta_lr"] = check_nonnegative(self.min_meta_lr, "min_meta_lr")
         if self.max_grad_norm is not None:
             checked["max_grad_norm"] = check_positive(self.max_grad_norm, "max_grad_norm")
         if self.checkpoint_every is not None:
@@ -109,10 +143,11 @@ class TrainConfig:
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 
-    @property
-    def optimizer(self) -> Adam:
-        """The meta-optimizer: the built-in Adam with step size ``meta_lr``."""
-        return Adam(self.meta_lr)
+    def meta_lr_at(self, iteration: int) -> float:
+        """The meta-optimizer's step size at ``iteration`` (the schedule's value)."""
+        if self.schedule == "constant" or self.iterations == 0:
+            return self.meta_lr
+        return CosineSchedule(self.meta_lr, self.iterations, self.min_meta_lr)(iteration)
 
     def backend_order(self) -> tuple[str, ...]:
         """The backends this run prefers, in order (``"auto"`` compiles long runs)."""
@@ -207,8 +242,8 @@ numbers (at most 100 iterations): one sampler call instead of one per iteration.
 
 
 class TaskStream:
-    """The run's meta-batches: drawn ``chunk`` iterations at a time from one seeded generator,
-    on the parameters' device (tensors moved, never cast)."""
+    """The run's meta-batches from a sampler: drawn ``chunk`` iterations at a time from one
+    seeded generator, on the parameters' device (tensors moved, never cast)."""
 
     def __init__(
         self,
@@ -243,28 +278,9 @@ class TaskStream:
         return self._batches[iteration % self.chunk]
 
     def _draw(self, num_tasks: int, generator: torch.Generator) -> tuple[Batch, Batch]:
-        """One call of the sampler: ``(support, query)``, from an object with ``.support`` and
-        ``.query`` or from a pair of ``(x, y)`` pairs."""
+        """One call of the sampler."""
         tasks = self.sample_tasks(num_tasks, generator=generator, dtype=self.dtype)
-        pair = (tasks.support, tasks.query) if hasattr(tasks, "support") else tasks
-        if not (
-            isinstance(pair, (tuple, list))
-            and len(pair) == 2
-            and all(isinstance(b, (tuple, list)) and len(b) == 2 for b in pair)
-            and all(isinstance(t, Tensor) and t.ndim > 0 for b in pair for t in b)
-        ):
-            raise TypeError(
-                "sample_tasks must return an object with .support and .query, or a pair "
-                "(support, query), each an (x, y) pair of tensors batched as (tasks, points, …); "
-                f"got {type(tasks).__name__}"
-            )
-        (xs, ys), (xq, yq) = pair
-        if any(t.shape[0] != num_tasks for t in (xs, ys, xq, yq)):
-            raise ValueError(
-                f"sample_tasks({num_tasks}, ...) must return {num_tasks} tasks along dim 0, got "
-                f"shapes {[tuple(t.shape) for t in (xs, ys, xq, yq)]}"
-            )
-        return (xs, ys), (xq, yq)
+        return _as_pair(tasks, "sample_tasks", num_tasks)
 
     def _split(self, pair: Any) -> list[Batch]:
         n, t = self.chunk, self.meta_batch_size
@@ -277,23 +293,137 @@ class TaskStream:
         return self._before_drawn if drawn else self.generator.get_state()
 
 
+class BatchStream(TaskStream):
+    """The run's meta-batches from an iterable of ``(support, query)`` pairs, in order: the
+    iterable decides which tasks, the seed nothing. A resumed run iterates it again from the start
+    and skips the iterations done, so it must give the same meta-batches again (a list, or a
+    loader with a seeded generator)."""
+
+    def __init__(
+        self,
+        batches: Iterable[Any],
+        meta_batch_size: int,
+        seed: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.batches, self.meta_batch_size = batches, meta_batch_size
+        self.dtype, self.device = dtype, device
+        self.generator = torch.Generator().manual_seed(seed)  # unused; kept in checkpoints
+        self.chunk = 1
+        self._iterator: Iterator[Any] = iter(batches)
+        self._next = 0
+
+    def batch(self, iteration: int, fresh: bool) -> tuple[Batch, Batch]:
+        if fresh and iteration != self._next:
+            self._iterator, self._next = iter(self.batches), 0
+            for _ in range(iteration):
+                next(self._iterator, None)
+            self._next = iteration
+        try:
+            item = next(self._iterator)
+        except StopIteration:
+            raise ValueError(
+                f"sample_tasks ran out of meta-batches after {iteration} (iterations asks for more)"
+            ) from None
+        self._next += 1
+        support, query = _as_pair(item, "sample_tasks", self.meta_batch_size)
+        move = self.device
+        return (support[0].to(move), support[1].to(move)), (query[0].to(move), query[1].to(move))
+
+    def state_before(self, iteration: int) -> Tensor:
+        return self.generator.get_state()
+
+
+def _as_pair(tasks: Any, name: str, num_tasks: int) -> tuple[Batch, Batch]:
+    """``(support, query)`` from an object with ``.support`` and ``.query`` or from a pair of
+    ``(x, y)`` pairs, each batched as (num_tasks, points, …)."""
+    pair = (tasks.support, tasks.query) if hasattr(tasks, "support") else tasks
+    if not (
+        isinstance(pair, (tuple, list))
+        and len(pair) == 2
+        and all(isinstance(b, (tuple, list)) and len(b) == 2 for b in pair)
+        and all(isinstance(t, Tensor) and t.ndim > 0 for b in pair for t in b)
+    ):
+        raise TypeError(
+            f"{name} must give an object with .support and .query, or a pair (support, query), "
+            f"each an (x, y) pair of tensors batched as (tasks, points, …); got "
+            f"{type(tasks).__name__}"
+        )
+    (xs, ys), (xq, yq) = pair
+    if any(t.shape[0] != num_tasks for t in (xs, ys, xq, yq)):
+        raise ValueError(
+            f"{name} must give {num_tasks} tasks along dim 0, got shapes "
+            f"{[tuple(t.shape) for t in (xs, ys, xq, yq)]}"
+        )
+    return (xs, ys), (xq, yq)
+
+
+def task_stream(
+    sample_tasks: Any, meta_batch_size: int, seed: int, dtype: torch.dtype, device: torch.device
+) -> TaskStream:
+    """A :class:`TaskStream` for a sampler, a :class:`BatchStream` for an iterable of
+    meta-batches; anything else is a ``TypeError`` naming ``sample_tasks``."""
+    if callable(sample_tasks):
+        return TaskStream(sample_tasks, meta_batch_size, seed, dtype, device)
+    if isinstance(sample_tasks, Iterable):
+        return BatchStream(sample_tasks, meta_batch_size, seed, dtype, device)
+    raise TypeError(
+        "sample_tasks must be a sampler, sample_tasks(num_tasks, *, generator, dtype), or an "
+        f"iterable of (support, query) meta-batches, got {type(sample_tasks).__name__}"
+    )
+
+
 # ------------------------------------------------------------------------------------ the run
+
+
+class TaskSampler(Protocol):
+    """What :func:`meta_train` draws tasks from: ``sample_tasks(num_tasks, *, generator, dtype)``
+    returning an object with ``.support`` and ``.query``, or a pair ``(support, query)``, each
+    an ``(x, y)`` pair batched as (num_tasks, points, …) (e.g.
+    :class:`mamlkit.tasks.SinusoidFamily`, :class:`mamlkit.tasks.GlyphFamily`)."""
+
+    def __call__(
+        self, num_tasks: int, *, generator: torch.Generator, dtype: torch.dtype
+    ) -> Any: ...
 
 
 class TrainState(NamedTuple):
     """The trainer's state between iterations."""
 
     params: Params
-    optimizer: AdamState
+    optimizer: OptimizerState
     iteration: int
 
 
-def _dict_step(plan: Plan, optimizer: Adam, max_grad_norm: float | None) -> StepRunner:
-    """Gradient, optional clip and Adam as three steps (any backend)."""
+class Progress(NamedTuple):
+    """What a ``callback`` sees every ``log_every`` iterations.
+
+    Attributes:
+        iteration: the iterations done.
+        running_mean: the mean meta-loss over the last ``log_every`` iterations.
+        history: (iteration,) float64, every meta-loss so far.
+        params: θ now (no autograd history; do not modify).
+        optimizer_state: the meta-optimizer's state now.
+        meta_lr: the step size the last iteration took.
+    """
+
+    iteration: int
+    running_mean: float
+    history: Tensor
+    params: Params
+    optimizer_state: OptimizerState
+    meta_lr: float
+
+
+def _dict_step(
+    plan: Plan, optimizer: Adam | TorchOptimizer, max_grad_norm: float | None
+) -> StepRunner:
+    """Gradient, optional clip and the optimizer as three steps (any backend, any optimizer)."""
 
     def step(
-        params: Params, state: AdamState, support: Batch, query: Batch, lr: float
-    ) -> tuple[Params, AdamState, Tensor]:
+        params: Params, state: Any, support: Batch, query: Batch, lr: float
+    ) -> tuple[Params, Any, Tensor]:
         grads, losses = plan.run(params, support, query)
         if max_grad_norm is not None:
             grads = _clip_global_norm(grads, max_grad_norm)
@@ -317,12 +447,16 @@ class _Run:
     ) -> None:
         self.config, self.loss_fn, self.folder = config, loss_fn, folder
         like = reference_tensor(params)
-        self.tasks = TaskStream(
+        self.tasks = task_stream(
             sample_tasks, config.meta_batch_size, config.seed, like.dtype, like.device
         )
         self.order = config.backend_order()
         self.record = _record(config, loss_fn, params, sample_tasks, self.tasks.chunk)
-        self.state = TrainState(params, config.optimizer.init(params), 0)
+        state = config.optimizer.init(params)
+        if isinstance(state, TorchOptimizerState):  # the optimizer steps its own leaves
+            params = {k: v.detach() for k, v in state.leaves.items()}
+        self.state = TrainState(params, state, 0)
+        self.meta_lr = config.meta_lr_at(0)
         self.values: list[float] = []
         self.previous_seconds, self.session_start = 0.0, time.perf_counter()
         self._steps: dict[int, tuple[Plan, StepRunner]] = {}
@@ -341,12 +475,13 @@ class _Run:
                 f"{saved.iteration}, past iterations={self.config.iterations}"
             )
         move = {k: v.to(device) for k, v in saved.params.items()}
-        adam = AdamState(
-            saved.adam.step,
-            {k: v.to(device) for k, v in saved.adam.m.items()},
-            {k: v.to(device) for k, v in saved.adam.v.items()},
+        record = (
+            saved.optimizer if isinstance(saved.optimizer, dict) else state_record(saved.optimizer)
         )
-        self.state = TrainState(move, adam, saved.iteration)
+        state = restore_state(self.config.optimizer, move, record, device)
+        if isinstance(state, TorchOptimizerState):
+            move = {k: v.detach() for k, v in state.leaves.items()}
+        self.state = TrainState(move, state, saved.iteration)
         if saved.config.get("backend") in BACKENDS:  # the same backend: bit-identical numbers
             self.order = (saved.config["backend"],)
         self.tasks.generator.set_state(saved.generator)
@@ -358,8 +493,9 @@ class _Run:
         support, query = self.tasks.batch(self.state.iteration, fresh)
         plan, runner = self._runner(support, query)
         plan.check_targets(self.state.params, support, query)
+        self.meta_lr = self.config.meta_lr_at(self.state.iteration)
         params, opt, losses = runner(
-            self.state.params, self.state.optimizer, support, query, self.config.meta_lr
+            self.state.params, self.state.optimizer, support, query, self.meta_lr
         )
         value = losses.mean().item()
         if math.isfinite(value):
@@ -387,7 +523,7 @@ class _Run:
             build = plan.backend.build_step
             runner = (
                 build(plan.problem, c.optimizer, c.max_grad_norm)
-                if build is not None
+                if build is not None and isinstance(c.optimizer, Adam)
                 else _dict_step(plan, c.optimizer, c.max_grad_norm)
             )
             found = self._steps[id(plan)] = (plan, runner)
@@ -433,16 +569,12 @@ def _record(
 ) -> dict[str, Any]:
     """The run's record: the settings and the facts a resume must find unchanged."""
     like = reference_tensor(params)
-    record = dataclasses.asdict(config)
+    record = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     record["hypers"] = dict(config.hypers)
     record["backend_choice"] = config.backend  # "backend" becomes the record that ran
     record.update(
         {
-            "optimizer": {
-                "name": "adam",
-                "betas": list(config.optimizer.betas),
-                "eps": config.optimizer.eps,
-            },
+            "optimizer": config.optimizer.describe(),
             "loss": _describe(loss_fn),
             "tasks": _describe(sample_tasks),
             "param_shapes": {k: list(v.shape) for k, v in params.items()},
@@ -456,11 +588,20 @@ def _record(
     return record
 
 
+NEWER = ("backend_choice", "schedule", "min_meta_lr")
+"""Record entries of mamlkit 0.3: a run recorded without them is resumed with their defaults."""
+
+
 def _check_same_run(saved: dict[str, Any], requested: dict[str, Any], path: Path) -> None:
+    may_change = {"checkpoint_every", "train_seconds", "backend"}
+    if saved.get("schedule", "constant") == "constant":  # a cosine schedule spans the iterations
+        may_change.add("iterations")
     differ = sorted(
         k
         for k in set(saved) | set(requested)
-        if k not in (*RESUMABLE, "backend") and saved.get(k) != requested.get(k)
+        if k not in may_change
+        and not (k in NEWER and k not in saved)
+        and saved.get(k) != requested.get(k)
     )
     if differ:
         details = "; ".join(
@@ -476,13 +617,15 @@ def run_training(
     config: TrainConfig,
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
-    sample_tasks: Callable[..., Any],
+    sample_tasks: TaskSampler | Iterable[Any],
     *,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log_every: int = 100,
     on_log: Callable[[int, float], None] | None = None,
+    callback: Callable[[Progress], None] | None = None,
 ) -> TrainResult:
     """:func:`meta_train` with its settings in a :class:`TrainConfig` (what the command line
     and the experiments call); see :func:`meta_train` for the rest."""
@@ -490,21 +633,72 @@ def run_training(
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     checked_loss(loss_fn)
     theta = {k: v.detach().clone() for k, v in check_params(params).items()}
-    check_callable(sample_tasks, "sample_tasks", "sample_tasks(num_tasks, *, generator, dtype)")
     log_every = check_positive_int(log_every, "log_every")
     check_bool(progress, "progress")
     check_bool(resume, "resume")
+    check_bool(overwrite, "overwrite")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
+    if reference_tensor(theta).device.type == "meta":
+        raise ValueError(
+            "params are on the meta device, which holds no values: training needs real numbers "
+            "(use cpu or cuda)"
+        )
     if config.checkpoint_every is not None and checkpoint_dir is None:
         raise ValueError("checkpoint_every needs checkpoint_dir")
     if resume and checkpoint_dir is None:
         raise ValueError("resume needs checkpoint_dir")
     if on_log is not None:
         check_callable(on_log, "on_log", "on_log(iteration, running_mean)")
+    if callback is not None:
+        check_callable(callback, "callback", "callback(progress)")
     folder = (
         check_writable_folder(checkpoint_dir, "checkpoint_dir")
         if checkpoint_dir is not None
         else None
     )
+    with folder_lock(folder, "checkpoint_dir") if folder is not None else contextlib.nullcontext():
+        if folder is not None and not resume and not overwrite:
+            _refuse_a_run_in(folder)
+        return _train(
+            config,
+            loss_fn,
+            theta,
+            sample_tasks,
+            folder,
+            resume,
+            progress,
+            log_every,
+            on_log,
+            callback,
+        )
+
+
+def _refuse_a_run_in(folder: Path) -> None:
+    """A folder that holds a run is resumed or overwritten on purpose, never by accident."""
+    if checkpoint_path(folder).is_file():
+        try:
+            held = f"a run at iteration {load_checkpoint(folder).iteration}"
+        except (CheckpointError, OSError):
+            held = "an unreadable checkpoint"
+        raise ValueError(
+            f"checkpoint_dir {str(folder)!r} holds {held}: resume it (--resume), replace it "
+            "(--overwrite), or choose another folder"
+        )
+
+
+def _train(
+    config: TrainConfig,
+    loss_fn: LossFn,
+    theta: Params,
+    sample_tasks: Any,
+    folder: Path | None,
+    resume: bool,
+    progress: bool,
+    log_every: int,
+    on_log: Callable[[int, float], None] | None,
+    callback: Callable[[Progress], None] | None,
+) -> TrainResult:
     run = _Run(config, loss_fn, theta, sample_tasks, folder, resume)
     first = run.state.iteration
     with deferred_signals() as caught, _progress_bar(progress, config, first) as bar:
@@ -520,7 +714,7 @@ def run_training(
                     path,
                     run.result(),
                 )
-            _report(run, bar, log_every, on_log)
+            _report(run, bar, log_every, on_log, callback)
             done = run.state.iteration
             if caught:
                 raise TrainingInterrupted(caught[0], done, run.save("interrupted"), run.result())
@@ -546,7 +740,11 @@ def _progress_bar(progress: bool, config: TrainConfig, start: int) -> Iterator[A
 
 
 def _report(
-    run: _Run, bar: Any, log_every: int, on_log: Callable[[int, float], None] | None
+    run: _Run,
+    bar: Any,
+    log_every: int,
+    on_log: Callable[[int, float], None] | None,
+    callback: Callable[[Progress], None] | None,
 ) -> None:
     done = run.state.iteration
     if bar is not None:
@@ -557,13 +755,25 @@ def _report(
             bar.set_postfix(meta_loss=f"{running:.4f}")
         if on_log is not None:
             on_log(done, running)
+        if callback is not None:
+            history = torch.tensor(run.values, dtype=torch.float64)
+            callback(
+                Progress(
+                    done,
+                    running,
+                    history,
+                    tree_detach(run.state.params),
+                    run.state.optimizer,
+                    run.meta_lr,
+                )
+            )
 
 
 def meta_train(
     method: str,
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
-    sample_tasks: Callable[..., Any],
+    sample_tasks: TaskSampler | Iterable[Any],
     *,
     meta_batch_size: int,
     iterations: int,
@@ -576,36 +786,49 @@ def meta_train(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log_every: int = 100,
     on_log: Callable[[int, float], None] | None = None,
+    optimizer: Adam | TorchOptimizer | None = None,
+    schedule: str = "constant",
+    min_meta_lr: float = 0.0,
+    callback: Callable[[Progress], None] | None = None,
     **hypers: Any,
 ) -> TrainResult:
-    r"""Train θ with ``method`` and Adam; deterministic for a given ``seed``.
+    r"""Train θ with ``method``; deterministic for a given ``seed``.
 
     Each iteration draws ``tasks = sample_tasks(meta_batch_size, generator=g, dtype=d)`` from one
-    ``torch.Generator`` seeded with ``seed`` (``tasks.support`` and ``tasks.query`` batched as
-    (T, K, …), e.g. :class:`mamlkit.tasks.SinusoidFamily`; d is the dtype of ``params``; tensors
-    are moved to the parameters' device, never cast), computes the meta-gradient of ``method``
-    (any key of :data:`mamlkit.METHODS`, the ``"pretrained"`` joint-training baseline included)
-    and takes an Adam step of size ``meta_lr``. The settings are those of :class:`TrainConfig`;
-    the rest:
+    ``torch.Generator`` seeded with ``seed`` (``tasks.support`` and ``tasks.query`` — or a pair
+    ``(support, query)`` — batched as (T, K, …), e.g. :class:`mamlkit.tasks.SinusoidFamily`;
+    d is the dtype of ``params``; tensors are moved to the parameters' device, never cast), or
+    takes the next meta-batch of an iterable, computes the meta-gradient of ``method`` (any key of
+    :data:`mamlkit.METHODS`, the ``"pretrained"`` joint-training baseline included) and takes
+    one step of the meta-optimizer (Adam by default) of size ``meta_lr`` (or its schedule's
+    value). The settings are those of :class:`TrainConfig`; the rest:
 
     Args:
         method, meta_batch_size, iterations, lr, meta_lr, steps, seed, backend, max_grad_norm,
-            checkpoint_every: see :class:`TrainConfig`.
+            checkpoint_every, optimizer, schedule, min_meta_lr: see :class:`TrainConfig`
+            (``optimizer=None`` is the built-in Adam).
         loss_fn: ``loss_fn(params, batch)`` for one task.
         params: the initial θ; never modified (training runs on copies).
-        sample_tasks: ``sample_tasks(num_tasks, *, generator, dtype)`` → object with
-            ``support`` and ``query`` batched pairs.
+        sample_tasks: a :class:`TaskSampler`, ``sample_tasks(num_tasks, *, generator, dtype)``,
+            or an iterable of ``(support, query)`` meta-batches (taken in order; a resumed run
+            iterates it again and skips what is done).
         checkpoint_dir: where ``checkpoint.pt`` is kept (checked writable before training); it
             is written every ``checkpoint_every`` iterations, on SIGINT/SIGTERM, on divergence
             and at the end.
         resume: continue the run checkpointed in ``checkpoint_dir`` (its settings must match,
             except ``iterations``); the result is bit-identical to an uninterrupted run.
+        overwrite: replace the run checkpointed in ``checkpoint_dir``. Without ``resume`` or
+            ``overwrite`` a folder that holds a checkpoint is refused; a folder another run is
+            using (an exclusive lock, held for the whole run) is refused either way.
         progress: show a tqdm bar (imported only when used).
         log_every: how often the bar (and ``on_log``) shows the running mean meta-loss.
         on_log: called as ``on_log(iteration, running_mean)`` every ``log_every`` iterations.
+        callback: called as ``callback(progress)`` every ``log_every`` iterations with a
+            :class:`Progress` (iteration, running mean, history, θ, optimizer state, step size).
         **hypers: the method's own hyper-parameters (iMAML: ``lam``, ``cg_steps``).
 
     Returns:
@@ -637,6 +860,9 @@ def meta_train(
         max_grad_norm,
         checkpoint_every,
         hypers,
+        Adam() if optimizer is None else optimizer,
+        schedule,
+        min_meta_lr,
     )
     return run_training(
         config,
@@ -645,9 +871,11 @@ def meta_train(
         sample_tasks,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
+        overwrite=overwrite,
         progress=progress,
         log_every=log_every,
         on_log=on_log,
+        callback=callback,
     )
 
 
@@ -658,6 +886,9 @@ def trained(checkpoint: Checkpoint) -> TrainResult:
 
 __all__ = [
     "AUTO_COMPILE_ITERATIONS",
+    "BatchStream",
+    "Progress",
+    "TaskSampler",
     "TaskStream",
     "TrainConfig",
     "TrainResult",

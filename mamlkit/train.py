@@ -9,11 +9,21 @@
 - :func:`evaluate`, :func:`mean_ci95` — fine-tuning curves on held-out tasks with 95 % intervals.
 """
 
-from ._adam import Adam, AdamState, adam_init, adam_update, clip_global_norm
 from ._checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from ._evaluate import EvalResult, evaluate, mean_ci95
+from ._optim import (
+    Adam,
+    AdamState,
+    CosineSchedule,
+    TorchOptimizer,
+    adam_init,
+    adam_update,
+    clip_global_norm,
+)
 from ._train import (
     AUTO_COMPILE_ITERATIONS,
+    Progress,
+    TaskSampler,
     TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,
@@ -29,7 +39,11 @@ __all__ = [
     "AdamState",
     "Checkpoint",
     "CheckpointError",
+    "CosineSchedule",
     "EvalResult",
+    "Progress",
+    "TaskSampler",
+    "TorchOptimizer",
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",

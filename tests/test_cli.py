@@ -103,7 +103,10 @@ def _run(
 def test_version_and_help_show_defaults() -> None:
     assert _run("--version").stdout.strip() == f"mamlkit {mamlkit.__version__}"
     text = _run("train", "--help").stdout
-    assert "(default: 70000)" in text and "(default: maml)" in text and "--checkpoint-every" in text
+    assert "sinusoid 70,000" in text and "(default: maml)" in text and "--checkpoint-every" in text
+    assert "--task" in text and "glyphs" in text
+    top = _run("--help").stdout
+    assert "``" not in top and "one line" in top  # plain text, not reST
     for line in text.splitlines():
         if line.strip().startswith("--") and "  " in line.strip():
             assert line.split(None, 1)[1].strip(), f"flag without help: {line}"
@@ -123,6 +126,11 @@ def test_version_and_help_show_defaults() -> None:
         (["train", "--out", "{tmp}/o", "--device", "cuda"], None, 2, "CUDA is not available"),
         (["train", "--out", "{tmp}/o", "--seed", str(2**64)], None, 2, "torch's seed range"),
         (["train", "--out", "{tmp}/o", "--resume"], None, 2, "no checkpoint"),
+        (["train", "--out", "{tmp}/o", "--resume", "--overwrite"], None, 2, "not allowed with"),
+        (["train", "--out", "{tmp}/o", "--task", "glyphs", "--sizes", "1", "8", "1"], None, 2,
+         "--sizes: applies to --task sinusoid, not glyphs"),
+        (["train", "--out", "{tmp}/o", "--device", "meta"], None, 2, "holds no values"),
+        (["train", "--out", "{tmp}/o", "--device", "bogus"], None, 2, "not a torch device"),
         (["reproduce", "sinusoid", "--eval-tasks", "0"], None, 2, "must be >= 1"),
         (["reproduce", "sinusoid", "--out", "{tmp}/afile"], None, 1, "exists and is not a folder"),
         (["evaluate", "{tmp}/nothing"], None, 1, "no checkpoint at"),

@@ -191,6 +191,7 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
         "--no-progress",
     ]
     assert main(argv) == 0
+    capsys.readouterr()
     run = load_checkpoint(ckpt)
     assert run.history.shape == (5,) and run.config["method"] == "fomaml"
     report = tmp_path / "eval.json"
@@ -213,7 +214,9 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
     )
     curves = json.loads(report.read_text())
     assert len(curves["5"]["mean"]) == 3 and all(torch.isfinite(torch.tensor(curves["5"]["mean"])))
-    assert "| 5 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| steps | K = 5 |" in out and "mean ± 95 % half-width over 20 test tasks" in out
+    assert max(len(line) for line in out.splitlines()) <= 100
 
 
 def test_cli_train_imaml_takes_its_hyper_parameters(tmp_path):

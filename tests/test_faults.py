@@ -57,7 +57,7 @@ def _same_run(a: Path, b: Path) -> None:
     assert x.status == y.status == "finished" and x.iteration == y.iteration
     assert torch.equal(x.history, y.history)
     assert all(torch.equal(x.params[k], y.params[k]) for k in x.params)
-    assert all(torch.equal(x.adam.m[k], y.adam.m[k]) for k in x.params)
+    assert all(torch.equal(x.optimizer.m[k], y.optimizer.m[k]) for k in x.params)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_sigkill_even_during_a_save_never_leaves_a_broken_checkpoint(tmp_path, u
     )
     assert resumed.returncode == 0, resumed.stderr
     _same_run(tmp_path, uninterrupted)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mamlkit.lock", "checkpoint.pt"]
 
 
 REPRODUCE = [

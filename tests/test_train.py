@@ -160,7 +160,7 @@ def test_max_grad_norm_is_clip_grad_norm_then_torch_adam(max_norm):
         ({"lam": 1.0}, TypeError, "takes no keyword"),
         ({"method": "imaml", "lam": -1.0}, ValueError, "lam must be > 0"),
         ({"method": "reptile", "steps": 0}, ValueError, "steps must be >= 1 for 'reptile'"),
-        ({"sample_tasks": 3}, TypeError, "sample_tasks must be callable"),
+        ({"sample_tasks": 3}, TypeError, "sample_tasks must be a sampler"),
         ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm must be > 0"),
         ({"max_grad_norm": "1"}, TypeError, "max_grad_norm"),
         ({"backend": "gpu"}, ValueError, "backend must be one of"),
@@ -285,8 +285,8 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert torch.equal(loaded.history, run.history) and loaded.iteration == 4
     assert list(loaded.params) == list(run.params)
     assert all(torch.equal(loaded.params[k], run.params[k]) for k in run.params)
-    assert isinstance(loaded.adam, AdamState) and loaded.adam.step == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary left
+    assert isinstance(loaded.optimizer, AdamState) and loaded.optimizer.step == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mamlkit.lock", "checkpoint.pt"]  # no temporary left
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -267,11 +267,57 @@ class Protocol:
     backend: str = "auto"
     checkpoint_every: int = 1
     device: str = "cpu"
+    lr: float = 0.01
+    steps: int = 1
+    meta_lr: float = 1e-3
+    meta_batch_size: int = 25
+    schedule: str = "constant"
+    changes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    overrides: ClassVar[dict[str, dict[str, Any]]] = {}
+    """The experiment's own inner-loop settings per method, where they differ from the
+    protocol's ``lr``, ``steps`` and the method table's defaults."""
 
     @classmethod
     def quick(cls, **changes: Any) -> Protocol:
         """The small version (a subclass says what it shrinks)."""
         return replace(cls(), **changes)
+
+    def settings(self, method: str) -> dict[str, Any]:
+        """``lr``, ``steps`` and the hyper-parameters of ``method`` under this protocol: the
+        protocol's α and steps (at least the method's ``min_steps``), the table's defaults, then
+        :attr:`overrides`, then :attr:`changes` (the caller's); checked by the method's record."""
+        entry = get_method(method)
+        settings: dict[str, Any] = {
+            "lr": self.lr,
+            "steps": max(self.steps, entry.min_steps),
+            **self.overrides.get(method, {}),
+            **self.changes.get(method, {}),
+        }
+        extra = {k: v for k, v in settings.items() if k not in ("lr", "steps")}
+        return {
+            "lr": float(settings["lr"]),
+            "steps": entry.check_steps(settings["steps"]),
+            **entry.resolve(extra),
+        }
+
+    def config(self, method: str, seed: int) -> TrainConfig:
+        """The training settings of one job (tasks drawn with ``seed + 1``)."""
+        settings = self.settings(method)
+        lr, steps = settings.pop("lr"), settings.pop("steps")
+        return TrainConfig(
+            method,
+            self.meta_batch_size,
+            self.iterations,
+            lr,
+            self.meta_lr,
+            steps,
+            derived_seed(seed, 1),
+            self.backend,
+            checkpoint_every=self.checkpoint_every,
+            hypers=settings,
+            schedule=self.schedule,
+        )
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> Protocol:
@@ -360,6 +406,7 @@ def train_job(
     protocol: dict[str, Any],
     out: str,
     resume: bool,
+    overwrite: bool,
     progress: bool,
     on_log: Any,
 ) -> dict[str, Any]:
@@ -379,6 +426,7 @@ def train_job(
             setup.sample_tasks,
             checkpoint_dir=folder,
             resume=can_resume,
+            overwrite=overwrite,
             progress=progress,
             log_every=max(1, setup.config.iterations // 10),
             on_log=on_log,
@@ -443,12 +491,14 @@ def reproduce(
     workers: int = 1,
     backend: str = "auto",
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     figures: bool = True,
 ) -> dict[str, Any]:
     """Train, evaluate and report every (method, training seed) of experiment ``name``; write
     ``results.json`` and ``results.md`` first, then the PNG figures, and keep one checkpoint per
-    run under ``out/checkpoints/`` (``resume=True`` continues the runs found there).
+    run under ``out/checkpoints/`` (``resume=True`` continues the runs found there,
+    ``overwrite=True`` replaces them; with neither, a run found there is an error).
 
     Every setting and the output folder are checked before any training starts.
 
@@ -467,8 +517,21 @@ def reproduce(
         backend=backend,
     )
     check_positive_int(workers, "workers")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
     out = _files.check_writable_folder(out, "out")
     figure_note = check_figures_possible() if figures else None
+    held = [
+        f"{m}/seed{s}"
+        for m in protocol.methods
+        for s in protocol.training_seeds
+        if _checkpoint.checkpoint_path(run_dir(out, m, s)).is_file()
+    ]
+    if held and not (resume or overwrite):
+        raise ValueError(
+            f"out {str(out)!r} holds runs ({', '.join(held[:3])}{', …' if len(held) > 3 else ''}): "
+            "resume them (--resume), replace them (--overwrite), or choose another folder"
+        )
     experiment.prepare(protocol)
     # the longest runs first (more inner steps, second order), so the workers finish together
     order = sorted(protocol.methods, key=lambda m: -_cost(experiment.setup(protocol, m, 0).config))
@@ -483,6 +546,7 @@ def reproduce(
                 "protocol": asdict(protocol),
                 "out": str(out),
                 "resume": resume,
+                "overwrite": overwrite,
             },
         )
         for m in order

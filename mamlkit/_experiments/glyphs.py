@@ -25,13 +25,10 @@ from typing import Any
 
 import torch
 
-from .._checks import derived_seed
 from .._evaluate import mean_ci95
 from .._glyphs import SPLITS, GlyphFamily, conv_net, glyph_bank
-from .._methods import get_method
 from .._models import make_cross_entropy_loss
 from .._module import from_module
-from .._train import TrainConfig
 from .common import Experiment, Protocol, Setup, checks_markdown, eval_seed, evaluate_tasks
 
 PAPER_METHODS = ("maml", "fomaml", "pretrained")
@@ -125,23 +122,10 @@ class Glyphs(Experiment):
 
     def setup(self, protocol: Any, method: str, seed: int) -> Setup:
         p: GlyphProtocol = protocol
-        entry = get_method(method)
-        config = TrainConfig(
-            method,
-            p.meta_batch_size,
-            p.iterations,
-            p.lr,
-            p.meta_lr,
-            max(p.steps, entry.min_steps),
-            derived_seed(seed, 1),
-            p.backend,
-            checkpoint_every=p.checkpoint_every,
-        )
         params, loss = model(p.channels, p.ways, seed)
         params = {k: v.to(p.device) for k, v in params.items()}
-        return Setup(
-            loss, params, GlyphFamily(p.ways, p.train_shots, p.train_queries, "train"), config
-        )
+        family = GlyphFamily(p.ways, p.train_shots, p.train_queries, "train")
+        return Setup(loss, params, family, p.config(method, seed))
 
     def prepare(self, protocol: Any) -> None:
         glyph_bank()  # rendered (or loaded) once, before the workers start

@@ -23,19 +23,16 @@ five steps. Why iMAML diverges under this protocol is measured in
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from .. import _checkpoint, _files
-from .._checks import derived_seed
 from .._evaluate import mean_ci95
-from .._methods import get_method
 from .._models import init_mlp, make_mse_loss, mlp
 from .._tasks import SinusoidFamily
-from .._train import TrainConfig
 from .common import (
     Experiment,
     Protocol,
@@ -72,22 +69,9 @@ PAPER_METHODS = ("maml", "fomaml", "reptile", "imaml", "pretrained")
 def method_settings(
     method: str, lr: float, changes: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """``lr``, ``steps`` and the hyper-parameters of ``method`` under this protocol: α = ``lr``,
-    one inner step (at least the method's ``min_steps``), the table's defaults, then
-    :data:`SETTINGS`, then ``changes``; checked against the method's record."""
-    entry = get_method(method)
-    settings: dict[str, Any] = {
-        "lr": lr,
-        "steps": max(1, entry.min_steps),
-        **SETTINGS.get(method, {}),
-        **(changes or {}),
-    }
-    extra = {k: v for k, v in settings.items() if k not in ("lr", "steps")}
-    return {
-        "lr": float(settings["lr"]),
-        "steps": entry.check_steps(settings["steps"]),
-        **entry.resolve(extra),
-    }
+    """The inner-loop settings of ``method`` under the sinusoid protocol with α = ``lr``
+    (see :meth:`mamlkit._experiments.common.Protocol.settings`)."""
+    return SinusoidProtocol(lr=lr, changes={method: changes or {}}).settings(method)
 
 
 @dataclass(frozen=True)
@@ -101,12 +85,10 @@ class SinusoidProtocol(Protocol):
     checkpoint_every: int = 5_000
     sizes: tuple[int, ...] = (1, 40, 40, 1)
     k_train: int = 10
-    lr: float = 0.01
-    meta_lr: float = 1e-3
-    meta_batch_size: int = 25
     eval_k: tuple[int, ...] = (5, 10, 20)
     eval_steps: int = 10
-    changes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    overrides: ClassVar[dict[str, dict[str, Any]]] = SETTINGS
 
     @classmethod
     def quick(cls, **changes: Any) -> SinusoidProtocol:
@@ -115,10 +97,6 @@ class SinusoidProtocol(Protocol):
             cls(iterations=2_000, eval_tasks=200, training_seeds=(0,), checkpoint_every=1_000),
             **changes,
         )
-
-    def settings(self, method: str) -> dict[str, Any]:
-        """The inner-loop settings of ``method`` (see :func:`method_settings`)."""
-        return method_settings(method, self.lr, self.changes.get(method))
 
 
 DIVERGED = 100.0
@@ -171,22 +149,9 @@ class Sinusoid(Experiment):
     def setup(self, protocol: Any, method: str, seed: int) -> Setup:
         """The protocol's network initialised with ``seed``; tasks drawn with ``seed + 1``."""
         p: SinusoidProtocol = protocol
-        settings = p.settings(method)
-        lr, steps = settings.pop("lr"), settings.pop("steps")
-        config = TrainConfig(
-            method,
-            p.meta_batch_size,
-            p.iterations,
-            lr,
-            p.meta_lr,
-            steps,
-            derived_seed(seed, 1),
-            p.backend,
-            checkpoint_every=p.checkpoint_every,
-            hypers=settings,
-        )
         params = init_mlp(tuple(p.sizes), seed=seed, device=p.device)
-        return Setup(make_mse_loss(mlp), params, SinusoidFamily(k_support=p.k_train), config)
+        family = SinusoidFamily(k_support=p.k_train)
+        return Setup(make_mse_loss(mlp), params, family, p.config(method, seed))
 
     def evaluate(
         self, protocol: Any, method: str, setup: Setup, params: dict[str, torch.Tensor]
