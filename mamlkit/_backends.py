@@ -105,7 +105,15 @@ class Backend:
 # ---------------------------------------------------------------------------------------- vmap
 
 
-def _anything(problem: Problem) -> str | None:
+def _batchable(problem: Problem) -> str | None:
+    """None, unless the model holds layers torch.func.vmap cannot batch (``from_module`` lists
+    them)."""
+    layers = getattr(getattr(problem.loss_fn, "model_fn", None), "unbatchable", ())
+    if layers:
+        return (
+            f"torch.func.vmap cannot batch the recurrent layer(s) {', '.join(layers)} (torch's "
+            "RNN kernels write in place); use the single-task engines (maml_grad, ...) per task"
+        )
     return None
 
 
@@ -250,7 +258,7 @@ def _aot_why_not(problem: Problem) -> str | None:
 def _compile_why_not(problem: Problem) -> str | None:
     if problem.device.type not in ("cpu", "cuda"):
         return f"torch.compile runs on cpu or cuda here, not {problem.device.type}"
-    return None
+    return _batchable(problem)
 
 
 # ---------------------------------------------------------------------------------- the table
@@ -261,7 +269,7 @@ BACKENDS: Mapping[str, Backend] = {
         Backend(
             "vmap",
             "torch.func.vmap over the per-task rule (any model, loss and method)",
-            _anything,
+            _batchable,
             _vmap_runner,
         ),
         Backend(

@@ -60,11 +60,14 @@ class ModuleFn:
     Attributes:
         module: the copy (in the mode ``batch_norm`` asks for); never the caller's module.
         batch_norm: ``"batch"`` or ``"running"``.
+        unbatchable: the names of layers ``torch.func.vmap`` cannot batch (recurrent layers:
+            torch's RNN kernels write in place); the meta-batch backends that vmap refuse them.
     """
 
     module: nn.Module = field(repr=False)
     batch_norm: str
     buffers: dict[str, Tensor] = field(repr=False, default_factory=dict)
+    unbatchable: tuple[str, ...] = ()
 
     def __call__(self, params: Params, x: Tensor) -> Tensor:
         if self.buffers:
@@ -183,7 +186,12 @@ def from_module(
     buffers = {name: b for name, b in clone.named_buffers()}
     for p in clone.parameters():
         p.requires_grad_(False)
-    return params, ModuleFn(clone, batch_norm, buffers)
+    unbatchable = tuple(
+        f"{name} ({type(sub).__name__})"
+        for name, sub in module.named_modules()
+        if isinstance(sub, nn.RNNBase)
+    )
+    return params, ModuleFn(clone, batch_norm, buffers, unbatchable)
 
 
 __all__ = ["ModuleFn", "from_module"]

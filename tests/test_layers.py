@@ -328,3 +328,48 @@ def test_the_readme_optimizer_loop_trains_the_module():
     assert all(
         torch.equal(params[n], p) for n, p in net.named_parameters()
     )  # params follow the module
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer, self.norm, self.head = nn.Linear(8, 6), nn.GroupNorm(2, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.layer(x.mean(1))))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.cell, self.head = cell(8, 6, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.cell(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_group_norm_gets_the_exact_meta_gradient(engine):
+    torch.manual_seed(0)
+    net = GroupNormNet().double()
+    support, query = _meta_batch("sdpa")
+    params, model_fn = mk.from_module(net)
+    got = ENGINES[engine](mk.make_cross_entropy_loss(model_fn), params, support, query)
+    assert_tree_close(got, _reference(net, support, query), **TOL)
+
+
+@pytest.mark.parametrize("cell", [nn.RNN, nn.GRU, nn.LSTM])
+def test_recurrent_layers_are_exact_per_task_and_refused_by_vmap_with_the_reason(cell):
+    torch.manual_seed(0)
+    net = Recurrent(cell).double()
+    support, query = _meta_batch("sdpa")
+    params, model_fn = mk.from_module(net)
+    loss = mk.make_cross_entropy_loss(model_fn)
+    for engine in ("maml_grad", "maml_grad_hvp"):
+        assert_tree_close(
+            ENGINES[engine](loss, params, support, query), _reference(net, support, query), **TOL
+        )
+    with pytest.raises(
+        ValueError, match=rf"vmap cannot batch the recurrent layer\(s\) cell \({cell.__name__}\)"
+    ):
+        mk.meta_batch_grad("maml", loss, params, support, query, lr=ALPHA)

@@ -23,8 +23,15 @@ TRAIN = ["train", "--sizes", "1", "8", "1", "--backend", "fused", "--no-progress
 
 
 def _run(*argv: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mamlkit", *argv], capture_output=True, text=True,
-                          env=env or ENV, cwd=ROOT, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "mamlkit", *argv],
+        capture_output=True,
+        text=True,
+        env=env or ENV,
+        cwd=ROOT,
+        timeout=300,
+        **kw,
+    )
 
 
 def _one_line(err: str) -> str:
@@ -35,9 +42,24 @@ def _one_line(err: str) -> str:
 
 def test_one_writer_per_folder(tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "mamlkit", *TRAIN, "--iterations", "1000000",
-                              "--checkpoint-every", "100000", "--out", str(out)],
-                             stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mamlkit",
+            *TRAIN,
+            "--iterations",
+            "1000000",
+            "--checkpoint-every",
+            "100000",
+            "--out",
+            str(out),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and "pid" not in _read(out / ".mamlkit.lock"):
@@ -86,16 +108,21 @@ print(float(g["w0"].sum()))
 
 def test_a_damaged_kernel_cache_is_rebuilt_and_said_in_one_line(tmp_path):
     env = {**ENV, "MAMLKIT_CACHE_DIR": str(tmp_path / "cache")}
-    first = subprocess.run([sys.executable, "-c", KERNEL], capture_output=True, text=True, env=env,
-                           timeout=600)
+    first = subprocess.run(
+        [sys.executable, "-c", KERNEL], capture_output=True, text=True, env=env, timeout=600
+    )
     assert first.returncode == 0, first.stderr
     assert "compiling the fused maml grad kernel ahead of time" in first.stderr
     (package,) = (tmp_path / "cache").glob("fused-*.pt2")
     package.write_bytes(b"not a zip archive" * 10)
-    second = subprocess.run([sys.executable, "-c", KERNEL], capture_output=True, text=True, env=env,
-                            timeout=600)
+    second = subprocess.run(
+        [sys.executable, "-c", KERNEL], capture_output=True, text=True, env=env, timeout=600
+    )
     assert second.returncode == 0, second.stderr
-    assert f"the cached kernel {package} is damaged" in second.stderr and "compiling it again" in second.stderr
+    assert (
+        f"the cached kernel {package} is damaged" in second.stderr
+        and "compiling it again" in second.stderr
+    )
     assert second.stdout == first.stdout  # the same gradient from the rebuilt kernel
     shown = _run("cache", env=env)
     assert "compiled fused kernels: 1 file(s)" in shown.stdout
@@ -105,8 +132,14 @@ def test_a_damaged_kernel_cache_is_rebuilt_and_said_in_one_line(tmp_path):
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_during_start_up_is_one_line(signum, code):
-    process = subprocess.Popen([sys.executable, "-m", "mamlkit", "verify"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mamlkit", "verify"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+    )
     time.sleep(0.4)  # Python is up; mamlkit is importing torch (about a second)
     process.send_signal(signum)
     _, err = process.communicate(timeout=120)
@@ -120,8 +153,19 @@ def test_a_full_disk_before_the_first_checkpoint_is_one_line_naming_the_folder(t
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
     out = tmp_path / "run"
-    result = _run(*TRAIN, "--sizes", "1", "40", "40", "1", "--iterations", "2", "--out", str(out),
-                  preexec_fn=small_files)
+    result = _run(
+        *TRAIN,
+        "--sizes",
+        "1",
+        "40",
+        "40",
+        "1",
+        "--iterations",
+        "2",
+        "--out",
+        str(out),
+        preexec_fn=small_files,
+    )
     assert result.returncode == 1
     line = _one_line(result.stderr)
     assert line.startswith(f"mamlkit: error: cannot write {out / 'checkpoint.pt'}")
@@ -130,8 +174,24 @@ def test_a_full_disk_before_the_first_checkpoint_is_one_line_naming_the_folder(t
 
 def test_the_glyph_benchmark_trains_and_evaluates_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "glyphs"
-    argv = ["train", "--task", "glyphs", "--method", "fomaml", "--iterations", "2", "--channels", "4",
-            "--meta-batch-size", "2", "--ways", "3", "--out", str(out), "--no-progress"]
+    argv = [
+        "train",
+        "--task",
+        "glyphs",
+        "--method",
+        "fomaml",
+        "--iterations",
+        "2",
+        "--channels",
+        "4",
+        "--meta-batch-size",
+        "2",
+        "--ways",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     saved = load_checkpoint(out)
     assert saved.config["tasks"]["type"] == "GlyphFamily" and saved.config["tasks"]["ways"] == 3
@@ -139,4 +199,6 @@ def test_the_glyph_benchmark_trains_and_evaluates_from_the_command_line(tmp_path
     assert main(["evaluate", str(out), "--tasks", "6", "--steps", "1", "--k", "1"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("query accuracy (%) after 0 … 1 fine-tuning steps of α = 0.4")
-    assert "| steps | 3-way 1-shot |" in text and max(len(line) for line in text.splitlines()) <= 100
+    assert (
+        "| steps | 3-way 1-shot |" in text and max(len(line) for line in text.splitlines()) <= 100
+    )

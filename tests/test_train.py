@@ -286,7 +286,10 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert list(loaded.params) == list(run.params)
     assert all(torch.equal(loaded.params[k], run.params[k]) for k in run.params)
     assert isinstance(loaded.optimizer, AdamState) and loaded.optimizer.step == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".mamlkit.lock", "checkpoint.pt"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".mamlkit.lock",
+        "checkpoint.pt",
+    ]  # no temporary left
 
 
 @pytest.mark.parametrize(
