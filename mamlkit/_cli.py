@@ -190,7 +190,6 @@ def _protocol(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ._files import check_writable_folder
-    from ._train import run_training
 
     if args.resume and args.overwrite:
         parser.error("argument --overwrite: not allowed with argument --resume")
@@ -199,16 +198,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     out = check_writable_folder(args.out, "--out")
     if args.resume and not (out / "checkpoint.pt").is_file():
         parser.error(f"argument --resume: no checkpoint in {str(out)!r} to resume")
-    result = run_training(
-        setup.config,
-        setup.loss_fn,
-        setup.params,
-        setup.sample_tasks,
-        checkpoint_dir=out,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        log_every=max(1, protocol.iterations // 10),
+    result = setup.train(
+        out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
     )
     tail = result.history[-max(1, protocol.iterations // 20) :]
     final = f"{tail.mean().item():.4f}" if tail.numel() else "n/a"

@@ -41,6 +41,7 @@ from .._train import (
     TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,
+    TrainResult,
     deferred_signals,
     run_training,
 )
@@ -342,6 +343,23 @@ class Setup:
     sample_tasks: Callable[..., Any]
     config: TrainConfig
 
+    def train(
+        self, folder: Path, *, resume: bool, overwrite: bool, progress: bool, on_log: Any = None
+    ) -> TrainResult:
+        """Train this job, checkpointed in ``folder`` (progress ten times a run)."""
+        return run_training(
+            self.config,
+            self.loss_fn,
+            self.params,
+            self.sample_tasks,
+            checkpoint_dir=folder,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            log_every=max(1, self.config.iterations // 10),
+            on_log=on_log,
+        )
+
 
 class Experiment:
     """One paper experiment. Subclasses set the attributes and define the methods below."""
@@ -419,17 +437,8 @@ def train_job(
     can_resume = resume and _checkpoint.checkpoint_path(folder).is_file()
     start = time.perf_counter()
     try:
-        result = run_training(
-            setup.config,
-            setup.loss_fn,
-            setup.params,
-            setup.sample_tasks,
-            checkpoint_dir=folder,
-            resume=can_resume,
-            overwrite=overwrite,
-            progress=progress,
-            log_every=max(1, setup.config.iterations // 10),
-            on_log=on_log,
+        result = setup.train(
+            folder, resume=can_resume, overwrite=overwrite, progress=progress, on_log=on_log
         )
     except TrainingDiverged as error:
         seconds = error.result.config.get("train_seconds", time.perf_counter() - start)
