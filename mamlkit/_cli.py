@@ -19,6 +19,7 @@ from typing import Any
 from . import __version__
 from ._backends import CHOICES as BACKEND_CHOICES
 from ._checks import SEED_MAX
+from ._distributed import init_from_environment, launched_by_torchrun, leave_process_group
 from ._experiments.common import EXPERIMENTS
 from ._methods import METHODS, get_method, hyper_table
 from ._runtime import set_cpu_threads
@@ -198,16 +199,30 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     out = check_writable_folder(args.out, "--out")
     if args.resume and not (out / "checkpoint.pt").is_file():
         parser.error(f"argument --resume: no checkpoint in {str(out)!r} to resume")
-    result = setup.train(
-        out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
-    )
+    group, lead = None, True
+    if launched_by_torchrun():  # one rank of torchrun: shard every meta-batch over the job
+        init_from_environment(protocol.device, args.dist_timeout)
+        group, lead = "world", int(os.environ["RANK"]) == 0
+    try:
+        result = setup.train(
+            out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=lead and not args.no_progress,
+            group=group,
+        )
+    finally:  # a rank that leaves its process group alive aborts at exit
+        if group is not None:
+            leave_process_group()
     tail = result.history[-max(1, protocol.iterations // 20) :]
     final = f"{tail.mean().item():.4f}" if tail.numel() else "n/a"
-    print(
-        f"{args.method} on {args.task}: {protocol.iterations} iterations "
-        f"({result.config['backend']} backend), final meta-loss {final}; wrote "
-        f"{out / 'checkpoint.pt'}"
-    )
+    ranks = f", {result.config['world_size']} ranks" if result.config["world_size"] > 1 else ""
+    if lead:
+        print(
+            f"{args.method} on {args.task}: {protocol.iterations} iterations "
+            f"({result.config['backend']} backend{ranks}), final meta-loss {final}; wrote "
+            f"{out / 'checkpoint.pt'}"
+        )
     return 0
 
 
@@ -474,6 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the run checkpointed in --out"
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--dist-timeout",
+        type=_positive,
+        default=300,
+        help="under torchrun: seconds to wait for every rank to start",
+    )
     train.set_defaults(run=_train, command_parser=train)
 
     evaluate = commands.add_parser(

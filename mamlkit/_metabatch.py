@@ -18,6 +18,7 @@ runner: no checks to redo, no file read, no compile.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -33,6 +34,8 @@ from ._checks import (
     checked_loss,
     reference_tensor,
 )
+from ._distributed import Sharding, sharded, task_slice
+from ._distributed import resolve as resolve_group
 from ._methods import get_method
 from ._params import Batch, LossFn, Params
 
@@ -47,12 +50,37 @@ class Plan:
     for (:func:`plan_meta_batch` checks them; the caller keeps that promise).
     """
 
-    __slots__ = ("backend", "problem", "run", "targets")
+    __slots__ = ("backend", "problem", "run", "sharding", "slice_run", "targets")
 
-    def __init__(self, problem: Problem, backend: Backend) -> None:
-        self.problem, self.backend = problem, backend
-        self.run: GradRunner = backend.build(problem)
+    def __init__(
+        self, problem: Problem, backend: Backend, sharding: Sharding | None = None
+    ) -> None:
+        self.problem, self.backend, self.sharding = problem, backend, sharding
         self.targets = callable(getattr(problem.loss_fn, "check_targets", None))
+        if sharding is None:
+            self.run: GradRunner = backend.build(problem)
+            self.slice_run: GradRunner | None = None
+            return
+        part = sharding.slice(problem.support[0].shape[0])  # this rank's tasks, built for once
+        sliced = dataclasses.replace(
+            problem,
+            support=task_slice(problem.support, part),
+            query=task_slice(problem.query, part),
+        )
+        self.slice_run = backend.build(sliced) if part.stop > part.start else None
+        self.run = self._sharded_run
+
+    def run_sharded(
+        self, params: Params, support: Batch, query: Batch, stop: bool = False
+    ) -> tuple[Params, Tensor, bool]:
+        """The meta-batch's mean gradient and every task's loss, this rank computing its slice
+        (see ``mamlkit._distributed``), and whether any rank asked to ``stop``."""
+        assert self.sharding is not None
+        return sharded(self.slice_run, self.sharding, params, support, query, stop)
+
+    def _sharded_run(self, params: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
+        grads, losses, _ = self.run_sharded(params, support, query)
+        return grads, losses
 
     def check_targets(self, params: Params, support: Batch, query: Batch) -> None:
         """The loss's check of this meta-batch's targets (class labels: their values change from
@@ -65,9 +93,10 @@ class Plan:
 
     def __repr__(self) -> str:
         p = self.problem
+        ranks = f", ranks={self.sharding.world}" if self.sharding else ""
         return (
             f"Plan(method={p.method.name!r}, backend={self.backend.name!r}, lr={p.lr}, "
-            f"steps={p.steps}, hypers={dict(p.hypers)})"
+            f"steps={p.steps}, hypers={dict(p.hypers)}{ranks})"
         )
 
 
@@ -128,21 +157,28 @@ def plan_meta_batch(
     backend: object = "auto",
     hypers: Mapping[str, Any] | None = None,
     order: tuple[str, ...] | None = None,
+    group: object = None,
 ) -> Plan:
     """The :class:`Plan` for these inputs: from the plan cache, or checked and made now.
 
     ``order`` overrides the preference ``backend`` stands for (training's ``"auto"`` compiles
-    long runs); it is part of the cache key.
+    long runs); ``group`` shards the meta-batch over ``torch.distributed`` ranks. Both are part
+    of the cache key.
     """
     try:
-        key = _key(method, loss_fn, params, support, query, lr, steps, backend, hypers, order)
+        key = _key(
+            method, loss_fn, params, support, query, lr, steps, backend, hypers, (order, group)
+        )
         plan = _PLANS[key]
     except (KeyError, TypeError, AttributeError, ValueError):
         problem = check_problem(
             method, loss_fn, params, support, query, lr=lr, steps=steps, hypers=hypers
         )
-        plan = Plan(problem, resolve(backend, problem, order))
-        key = _key(method, loss_fn, params, support, query, lr, steps, backend, hypers, order)
+        sharding = resolve_group(group)
+        plan = Plan(problem, resolve(backend, problem, order), sharding)
+        key = _key(
+            method, loss_fn, params, support, query, lr, steps, backend, hypers, (order, group)
+        )
         _PLANS[key] = plan
         if len(_PLANS) > PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)
@@ -219,6 +255,7 @@ def meta_batch_grad(
     lr: float,
     steps: int = 1,
     backend: str = "auto",
+    group: object = None,
     **hypers: Any,
 ) -> tuple[Params, Tensor]:
     r"""The task-averaged meta-gradient of ``method`` and the per-task query losses.
@@ -253,6 +290,10 @@ def meta_batch_grad(
             ``"fused-compiled"``, ``"vmap-compiled"`` — or a preference: ``"auto"`` (fused when
             it can, else vmap; never compiles) or ``"compiled"`` (fused-compiled when it can,
             else vmap-compiled; compiled once per problem and cached).
+        group: ``None`` (one process), ``"world"`` (the default ``torch.distributed`` group) or
+            a ``ProcessGroup``: every rank passes the same whole meta-batch and computes its
+            contiguous share of the tasks with ``backend``; one ``all_reduce`` gives every rank
+            the exact task mean (uneven shares included) and every task's loss.
         **hypers: the method's own hyper-parameters (iMAML: ``lam=1.0``, ``cg_steps=5``); a
             keyword the method does not take is a ``TypeError``.
 
@@ -273,7 +314,16 @@ def meta_batch_grad(
         (tensor(1.2800), tensor([0.6400, 0.6400, 0.6400]))
     """
     plan = plan_meta_batch(
-        method, loss_fn, params, support, query, lr=lr, steps=steps, backend=backend, hypers=hypers
+        method,
+        loss_fn,
+        params,
+        support,
+        query,
+        lr=lr,
+        steps=steps,
+        backend=backend,
+        hypers=hypers,
+        group=group,
     )
     plan.check_targets(params, support, query)  # type: ignore[arg-type]
     return plan.run(params, support, query)  # type: ignore[arg-type]

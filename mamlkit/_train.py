@@ -48,6 +48,8 @@ from ._checks import (
     checked_loss,
     reference_tensor,
 )
+from ._distributed import Sharding, broadcast
+from ._distributed import resolve as resolve_group
 from ._files import check_writable_folder, folder_lock, remove_temporaries
 from ._metabatch import Plan, plan_meta_batch
 from ._methods import get_method
@@ -444,14 +446,19 @@ class _Run:
         sample_tasks: Any,
         folder: Path | None,
         resume: bool,
+        sharding: Sharding | None = None,
     ) -> None:
-        self.config, self.loss_fn, self.folder = config, loss_fn, folder
+        self.config, self.loss_fn, self.folder, self.sharding = config, loss_fn, folder, sharding
+        self.lead = sharding is None or sharding.rank == 0  # the rank that writes and reports
         like = reference_tensor(params)
+        if sharding is not None:  # every rank starts from rank 0's θ
+            params = {k: v.to(like.device) for k, v in broadcast(sharding, params).items()}
         self.tasks = task_stream(
             sample_tasks, config.meta_batch_size, config.seed, like.dtype, like.device
         )
         self.order = config.backend_order()
         self.record = _record(config, loss_fn, params, sample_tasks, self.tasks.chunk)
+        self.record["world_size"] = 1 if sharding is None else sharding.world
         state = config.optimizer.init(params)
         if isinstance(state, TorchOptimizerState):  # the optimizer steps its own leaves
             params = {k: v.detach() for k, v in state.leaves.items()}
@@ -461,11 +468,12 @@ class _Run:
         self.previous_seconds, self.session_start = 0.0, time.perf_counter()
         self._steps: dict[int, tuple[Plan, StepRunner]] = {}
         self._saved: tuple[int, TrainResult] | None = None
-        if folder is not None:
+        if folder is not None and self.lead:
             remove_temporaries(checkpoint_path(folder))  # left by a process killed mid-save
         if resume:
             assert folder is not None
-            self._resume(load_checkpoint(folder), like.device)
+            saved = load_checkpoint(folder) if self.lead else None
+            self._resume(saved if sharding is None else broadcast(sharding, saved), like.device)
 
     def _resume(self, saved: Checkpoint, device: torch.device) -> None:
         _check_same_run(saved.config, self.record, checkpoint_path(self.folder))  # type: ignore[arg-type]
@@ -488,20 +496,32 @@ class _Run:
         self.previous_seconds = float(saved.config.get("train_seconds", 0.0))
         self.values = saved.history.tolist()
 
-    def step(self, fresh: bool) -> float:
-        """One meta-iteration; returns its meta-loss (the state moves on only when finite)."""
+    def step(self, fresh: bool, stop: bool = False) -> tuple[float, bool]:
+        """One meta-iteration; returns its meta-loss (the state moves on only when finite) and
+        whether to stop after it (``stop`` here, or on any rank)."""
         support, query = self.tasks.batch(self.state.iteration, fresh)
         plan, runner = self._runner(support, query)
         plan.check_targets(self.state.params, support, query)
         self.meta_lr = self.config.meta_lr_at(self.state.iteration)
-        params, opt, losses = runner(
-            self.state.params, self.state.optimizer, support, query, self.meta_lr
-        )
+        if self.sharding is None:
+            params, opt, losses = runner(
+                self.state.params, self.state.optimizer, support, query, self.meta_lr
+            )
+        else:  # the reduce sits between the gradient and the optimizer
+            grads, losses, stop = plan.run_sharded(self.state.params, support, query, stop)
+            if self.config.max_grad_norm is not None:
+                grads = _clip_global_norm(grads, self.config.max_grad_norm)
+            params, opt = self.config.optimizer.update(
+                self.state.params,
+                grads,
+                self.state.optimizer,
+                self.meta_lr,  # type: ignore[arg-type]
+            )
         value = losses.mean().item()
         if math.isfinite(value):
             self.values.append(value)
             self.state = TrainState(params, opt, self.state.iteration + 1)
-        return value
+        return value, stop
 
     def _runner(self, support: Batch, query: Batch) -> tuple[Plan, StepRunner]:
         """This meta-batch's plan and its step runner (made once per plan)."""
@@ -517,13 +537,15 @@ class _Run:
             backend=c.backend,
             hypers=c.hypers,
             order=self.order,
+            group=None if self.sharding is None else self.sharding.group,
         )
         found = self._steps.get(id(plan))
         if found is None or found[0] is not plan:
             build = plan.backend.build_step
+            whole = build is not None and isinstance(c.optimizer, Adam) and self.sharding is None
             runner = (
-                build(plan.problem, c.optimizer, c.max_grad_norm)
-                if build is not None and isinstance(c.optimizer, Adam)
+                build(plan.problem, c.optimizer, c.max_grad_norm)  # type: ignore[misc]
+                if whole
                 else _dict_step(plan, c.optimizer, c.max_grad_norm)
             )
             found = self._steps[id(plan)] = (plan, runner)
@@ -543,8 +565,8 @@ class _Run:
         return TrainResult(tree_detach(self.state.params), history, dict(self.record))
 
     def save(self, status: str) -> Path | None:
-        """Checkpoint the state."""
-        if self.folder is None:
+        """Checkpoint the state (on the lead rank only)."""
+        if self.folder is None or not self.lead:
             return None
         self._saved = None
         result = self.result()
@@ -588,12 +610,12 @@ def _record(
     return record
 
 
-NEWER = ("backend_choice", "schedule", "min_meta_lr")
+NEWER = ("backend_choice", "schedule", "min_meta_lr", "world_size")
 """Record entries of mamlkit 0.3: a run recorded without them is resumed with their defaults."""
 
 
 def _check_same_run(saved: dict[str, Any], requested: dict[str, Any], path: Path) -> None:
-    may_change = {"checkpoint_every", "train_seconds", "backend"}
+    may_change = {"checkpoint_every", "train_seconds", "backend", "world_size"}
     if saved.get("schedule", "constant") == "constant":  # a cosine schedule spans the iterations
         may_change.add("iterations")
     differ = sorted(
@@ -626,6 +648,7 @@ def run_training(
     log_every: int = 100,
     on_log: Callable[[int, float], None] | None = None,
     callback: Callable[[Progress], None] | None = None,
+    group: object = None,
 ) -> TrainResult:
     """:func:`meta_train` with its settings in a :class:`TrainConfig` (what the command line
     and the experiments call); see :func:`meta_train` for the rest."""
@@ -652,25 +675,20 @@ def run_training(
         check_callable(on_log, "on_log", "on_log(iteration, running_mean)")
     if callback is not None:
         check_callable(callback, "callback", "callback(progress)")
+    sharding = resolve_group(group)
+    lead = sharding is None or sharding.rank == 0
     folder = (
         check_writable_folder(checkpoint_dir, "checkpoint_dir")
         if checkpoint_dir is not None
         else None
     )
-    with folder_lock(folder, "checkpoint_dir") if folder is not None else contextlib.nullcontext():
+    locked = folder is not None and lead  # one writer: the lead rank
+    with folder_lock(folder, "checkpoint_dir") if locked else contextlib.nullcontext():  # type: ignore[arg-type]
         if folder is not None and not resume and not overwrite:
             _refuse_a_run_in(folder)
+        run = _Run(config, loss_fn, theta, sample_tasks, folder, resume, sharding)
         return _train(
-            config,
-            loss_fn,
-            theta,
-            sample_tasks,
-            folder,
-            resume,
-            progress,
-            log_every,
-            on_log,
-            callback,
+            run, progress and lead, log_every, on_log if lead else None, callback if lead else None
         )
 
 
@@ -688,23 +706,19 @@ def _refuse_a_run_in(folder: Path) -> None:
 
 
 def _train(
-    config: TrainConfig,
-    loss_fn: LossFn,
-    theta: Params,
-    sample_tasks: Any,
-    folder: Path | None,
-    resume: bool,
+    run: _Run,
     progress: bool,
     log_every: int,
     on_log: Callable[[int, float], None] | None,
     callback: Callable[[Progress], None] | None,
 ) -> TrainResult:
-    run = _Run(config, loss_fn, theta, sample_tasks, folder, resume)
+    config = run.config
     first = run.state.iteration
     with deferred_signals() as caught, _progress_bar(progress, config, first) as bar:
         while run.state.iteration < config.iterations:
             it = run.state.iteration
-            if not math.isfinite(run.step(fresh=it == first)):
+            value, stop = run.step(fresh=it == first, stop=bool(caught))
+            if not math.isfinite(value):  # the same on every rank: the losses are reduced
                 path = run.save("diverged")
                 raise TrainingDiverged(
                     f"{config.method} stopped: non-finite meta-loss at iteration {it} (a diverging "
@@ -716,8 +730,9 @@ def _train(
                 )
             _report(run, bar, log_every, on_log, callback)
             done = run.state.iteration
-            if caught:
-                raise TrainingInterrupted(caught[0], done, run.save("interrupted"), run.result())
+            if stop if run.sharding else caught:  # sharded: every rank stops after the same
+                signum = caught[0] if caught else signal.SIGTERM  # iteration, by the reduced flag
+                raise TrainingInterrupted(signum, done, run.save("interrupted"), run.result())
             every = config.checkpoint_every
             if every is not None and done % every == 0 and done < config.iterations:
                 run.save("running")
@@ -794,6 +809,7 @@ def meta_train(
     schedule: str = "constant",
     min_meta_lr: float = 0.0,
     callback: Callable[[Progress], None] | None = None,
+    group: object = None,
     **hypers: Any,
 ) -> TrainResult:
     r"""Train θ with ``method``; deterministic for a given ``seed``.
@@ -829,6 +845,12 @@ def meta_train(
         on_log: called as ``on_log(iteration, running_mean)`` every ``log_every`` iterations.
         callback: called as ``callback(progress)`` every ``log_every`` iterations with a
             :class:`Progress` (iteration, running mean, history, θ, optimizer state, step size).
+        group: ``None`` (one process), ``"world"`` or a ``torch.distributed`` ``ProcessGroup``:
+            the meta-batch is sharded over its ranks (see :func:`mamlkit.meta_batch_grad`); every
+            rank draws the same tasks and takes its share, θ and the optimizer's state start from
+            rank 0's (also on resume), only rank 0 writes checkpoints, shows progress and calls
+            ``on_log``/``callback``; a signal on any rank stops every rank after the same
+            iteration. N ranks compute what one process does (to rounding).
         **hypers: the method's own hyper-parameters (iMAML: ``lam``, ``cg_steps``).
 
     Returns:
@@ -876,6 +898,7 @@ def meta_train(
         log_every=log_every,
         on_log=on_log,
         callback=callback,
+        group=group,
     )
 
 

@@ -344,9 +344,17 @@ class Setup:
     config: TrainConfig
 
     def train(
-        self, folder: Path, *, resume: bool, overwrite: bool, progress: bool, on_log: Any = None
+        self,
+        folder: Path,
+        *,
+        resume: bool,
+        overwrite: bool,
+        progress: bool,
+        on_log: Any = None,
+        group: object = None,
     ) -> TrainResult:
-        """Train this job, checkpointed in ``folder`` (progress ten times a run)."""
+        """Train this job, checkpointed in ``folder`` (progress ten times a run), on one process
+        or sharded over ``group``."""
         return run_training(
             self.config,
             self.loss_fn,
@@ -358,6 +366,7 @@ class Setup:
             progress=progress,
             log_every=max(1, self.config.iterations // 10),
             on_log=on_log,
+            group=group,
         )
 
 
