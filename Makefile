@@ -65,6 +65,7 @@ bench: install
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
 	$(BIN)/python benchmarks/bench_meta.py
 	$(BIN)/python benchmarks/bench_conv.py
+	$(BIN)/python benchmarks/bench_distributed.py
 	$(BIN)/python benchmarks/bench_threads.py
 
 ## reproduce: the MAML paper's sinusoid experiment, all methods (writes results/sinusoid/)

@@ -26,6 +26,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from numbers import Real
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -325,14 +326,23 @@ def checked_loss(loss_fn: object, *, guard: bool = True) -> LossFn:
     return loss
 
 
+def target_check(loss_fn: object, params: Params, x: Tensor) -> Any:
+    """The loss's check of its targets for a model and inputs like ``x`` (one task's), if it has
+    one (``loss_fn.target_check``: class labels against the model's number of classes), as a
+    function ``check(y, name)``; else ``None``."""
+    make = getattr(loss_fn, "target_check", None)
+    if not callable(make):
+        return None
+    with exact_passes():
+        return make(params, x)
+
+
 def check_targets(loss_fn: object, params: Params, x: Tensor, y: Tensor, name: str) -> None:
-    """The loss's own check of its targets, if it has one (``loss_fn.check_targets``: class
-    labels against the model's number of classes), on concrete tensors at an engine's door;
-    ``x`` is one task's inputs, ``y`` any number of tasks' targets."""
-    check = getattr(loss_fn, "check_targets", None)
-    if callable(check):
-        with exact_passes():
-            check(params, x, y, name)
+    """:func:`target_check` applied once, on concrete tensors at an engine's door; ``y`` may hold
+    any number of tasks' targets."""
+    check = target_check(loss_fn, params, x)
+    if check is not None:
+        check(y, name)
 
 
 def check_task(loss_fn: object, params: Params, batch: object, name: str) -> Batch:

@@ -33,6 +33,7 @@ from ._checks import (
     check_params,
     checked_loss,
     reference_tensor,
+    target_check,
 )
 from ._distributed import Sharding, sharded, task_slice
 from ._distributed import resolve as resolve_group
@@ -50,13 +51,14 @@ class Plan:
     for (:func:`plan_meta_batch` checks them; the caller keeps that promise).
     """
 
-    __slots__ = ("backend", "problem", "run", "sharding", "slice_run", "targets")
+    __slots__ = ("_check", "backend", "problem", "run", "sharding", "slice_run", "targets")
 
     def __init__(
         self, problem: Problem, backend: Backend, sharding: Sharding | None = None
     ) -> None:
         self.problem, self.backend, self.sharding = problem, backend, sharding
-        self.targets = callable(getattr(problem.loss_fn, "check_targets", None))
+        self.targets = callable(getattr(problem.loss_fn, "target_check", None))
+        self._check: Any = None  # the loss's target check, made on the first call
         if sharding is None:
             self.run: GradRunner = backend.build(problem)
             self.slice_run: GradRunner | None = None
@@ -86,7 +88,10 @@ class Plan:
         """The loss's check of this meta-batch's targets (class labels: their values change from
         call to call, so a cached plan checks them every time)."""
         if self.targets:
-            check_meta_task(self.problem.loss_fn, dict(params), support, query)
+            if self._check is None:
+                self._check = target_check(self.problem.loss_fn, dict(params), support[0][0])
+            self._check(support[1], "support y")
+            self._check(query[1], "query y")
 
     def __call__(self, params: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
         return self.run(params, support, query)

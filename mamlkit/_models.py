@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -182,16 +183,26 @@ class CrossEntropyLoss:
             )
         return torch.nn.functional.cross_entropy(logits, y.long())
 
-    def check_targets(self, params: Params, x: Tensor, y: Tensor, name: str) -> None:
-        """Labels in 0 … C − 1, C the number of logits the model returns for one row of ``x``
-        (one task's inputs): checked on concrete tensors at the door of every engine, since
-        inside ``vmap`` values cannot be inspected and torch would drop a label of −100 (its
-        ``ignore_index``) silently or fail with an index error on one past the last class."""
-        _check_label_dtype(y, name)
-        if y.numel() == 0:
-            return
+    def target_check(self, params: Params, x: Tensor) -> Callable[[Tensor, str], None]:
+        """The check of class labels for this model and inputs like ``x`` (one task's): labels
+        in 0 … C − 1, C the number of logits the model returns for one row of ``x``. Run on
+        concrete tensors at the door of every engine, since inside ``vmap`` values cannot be
+        inspected and torch would drop a label of −100 (its ``ignore_index``) silently or fail
+        with an index error on one past the last class. (A plan keeps the check: C is found
+        once, then each call compares two numbers.)"""
         with torch.no_grad():
             classes = self.model_fn(params, x[:1]).shape[-1]
+        return functools.partial(_check_labels, classes=classes)
+
+    def accuracy(self, params: Params, batch: Batch) -> Tensor:
+        """The fraction of rows whose largest logit is the label (a 0-d tensor)."""
+        x, y = batch
+        return (self.model_fn(params, x).argmax(-1) == y).to(torch.get_default_dtype()).mean()
+
+
+def _check_labels(y: Tensor, name: str, classes: int) -> None:
+    _check_label_dtype(y, name)
+    if y.numel():
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= classes:
             bad = low if low < 0 else high
@@ -200,11 +211,6 @@ class CrossEntropyLoss:
                 f"logits), got {bad}"
                 + (" (torch's ignore_index: every point must count here)" if bad == -100 else "")
             )
-
-    def accuracy(self, params: Params, batch: Batch) -> Tensor:
-        """The fraction of rows whose largest logit is the label (a 0-d tensor)."""
-        x, y = batch
-        return (self.model_fn(params, x).argmax(-1) == y).to(torch.get_default_dtype()).mean()
 
 
 def make_cross_entropy_loss(model_fn: ModelFn) -> CrossEntropyLoss:
