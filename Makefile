@@ -60,12 +60,13 @@ notebooks: install
 verify: install
 	$(BIN)/python -m mamlkit verify
 
-## bench: the meta-gradient beside compiled torch.func, JAX, higher, torchopt; the conv net (writes benchmarks/results/)
+## bench: the meta-gradient beside compiled torch.func, JAX, higher, torchopt; the conv net; ranks; long inner loops (writes benchmarks/results/)
 bench: install
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
 	$(BIN)/python benchmarks/bench_meta.py
 	$(BIN)/python benchmarks/bench_conv.py
 	$(BIN)/python benchmarks/bench_distributed.py
+	$(BIN)/python benchmarks/bench_long_loops.py
 	$(BIN)/python benchmarks/bench_threads.py
 
 ## reproduce: the MAML paper's sinusoid experiment, all methods (writes results/sinusoid/)

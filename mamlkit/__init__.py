@@ -37,6 +37,7 @@ from ._metagrad import (
     maml_grad,
     maml_grad_hvp,
     maml_grad_jacobian,
+    metasgd_grad,
 )
 from ._methods import METHODS, Adaptation, Hyper, Method, register_method
 from ._models import init_mlp, make_cross_entropy_loss, make_mse_loss, mlp
@@ -83,6 +84,7 @@ __all__ = [
     "maml_grad_hvp",
     "maml_grad_jacobian",
     "meta_batch_grad",
+    "metasgd_grad",
     "mlp",
     "mse_hessian_parts",
     "num_params",

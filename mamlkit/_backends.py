@@ -56,6 +56,7 @@ class Problem:
     support: Batch
     query: Batch
     device: torch.device
+    start: Callable[[Params], Params] = dict
 
     def task_rule(self) -> Callable[[Params, Batch, Batch], tuple[Params, Tensor]]:
         """The method's per-task rule for this problem."""
@@ -135,13 +136,11 @@ def _vmap_compiled_runner(problem: Problem) -> GradRunner:
 
 
 def _fused_why_not(problem: Problem) -> str | None:
-    if problem.method.name not in _fused.KERNELS:
-        return (
-            f"no fused kernel for method {problem.method.name!r} (use backend='vmap' or "
-            "'compiled', which run every method)"
-        )
+    reason = _fused.why_not(problem.method.name, problem.hypers)
+    if reason is not None:
+        return reason
     try:
-        _fused.fused_spec(problem.loss_fn, problem.params)
+        _fused.fused_spec(problem.loss_fn, problem.start(problem.params))
     except ValueError as error:
         return str(error)
     return None
@@ -152,7 +151,7 @@ class _FusedRunner:
 
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
-        self.spec = _fused.fused_spec(problem.loss_fn, problem.params)
+        self.spec = _fused.fused_spec(problem.loss_fn, problem.start(problem.params))
         for x, y in (problem.support, problem.query):  # the errors the vmap path would raise
             _fused.fused_data_shapes(self.spec, x, y)
         self.names = [k for pair in self.spec.names for k in pair]

@@ -21,7 +21,7 @@ from ._backends import CHOICES as BACKEND_CHOICES
 from ._checks import SEED_MAX
 from ._distributed import init_from_environment, launched_by_torchrun, leave_process_group
 from ._experiments.common import EXPERIMENTS
-from ._methods import METHODS, get_method, hyper_table
+from ._methods import METHODS, Hyper, get_method, hyper_table
 from ._runtime import set_cpu_threads
 
 DESCRIPTION = """The MAML meta-gradient, derived and checked, from the command line.
@@ -50,6 +50,16 @@ def _seed(text: str) -> int:
             f"must be in 0 … 2**64 - 1 (torch's seed range), got {value}"
         )
     return value
+
+
+def _hyper_argument(hyper: Hyper) -> dict[str, Any]:
+    """argparse settings for one method hyper-parameter: a flag, a value or a list of values."""
+    if hyper.kind is bool:
+        return {"action": "store_const", "const": True}
+    convert = {float: _float, int: _positive}
+    if hyper.kind is tuple:
+        return {"type": convert.get(hyper.item, str), "nargs": "+"}
+    return {"type": convert.get(hyper.kind, str), "choices": hyper.choices}
 
 
 def _positive(text: str) -> int:
@@ -152,6 +162,7 @@ COMMON_FLAGS = (
     "backend",
     "checkpoint_every",
     "schedule",
+    "first_order_until",
 )
 
 
@@ -422,6 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="β throughout, or annealed to 0 along a cosine (default: constant)",
     )
     train.add_argument(
+        "--first-order-until",
+        type=_nonnegative,
+        default=None,
+        help="MAML++'s derivative-order annealing: first order (fomaml) before this iteration, "
+        "then the method (maml only; default 0: second order throughout)",
+    )
+    train.add_argument(
         "--lr", type=_float, default=None, help="inner step size α (default: the method's setting)"
     )
     train.add_argument(
@@ -433,9 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     for hyper in hyper_table().values():
         train.add_argument(
             f"--{hyper.name.replace('_', '-')}",
-            type=_float if hyper.kind is float else _positive,
             default=None,
-            help=f"{hyper.help} (default: the method's setting)",
+            help=hyper.help
+            if "default" in hyper.help
+            else f"{hyper.help} (default: {hyper.default})",
+            **_hyper_argument(hyper),
         )
     train.add_argument(
         "--k",

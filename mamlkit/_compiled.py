@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _files, _fused
+from . import _files, _fused, _methods
 
 KINDS = {
     "fused-": "compiled fused kernels",
@@ -77,7 +77,7 @@ def clear_cache() -> int:
 def _source_hash() -> str:
     """A hash of the kernel source (read once per process)."""
     digest = hashlib.sha256()
-    for source in (_fused.__file__, __file__):
+    for source in (_fused.__file__, _methods.__file__, __file__):
         digest.update(Path(source).read_bytes())
     return digest.hexdigest()
 

@@ -123,7 +123,6 @@ def evaluate(
     """
     loss = checked_loss(loss_fn)
     params = tree_detach(check_params(params))
-    support, query = check_meta_task(loss_fn, params, support, query)
     lr, steps = check_finite(lr, "lr"), check_int(steps, "steps")
     if method is None:
         if hypers:
@@ -133,7 +132,11 @@ def evaluate(
         adaptation = sgd_adaptation(loss, lr)
     else:
         entry = get_method(method)
-        adaptation = entry.adaptation(loss, lr, **entry.resolve(hypers))
+        resolved = entry.resolve(hypers)
+        # fine-tuning may run past the trained steps (per-step rates: the last step's reused)
+        entry.check(params, lr=lr, steps=min(steps, 1), **resolved)
+        adaptation = entry.adaptation(loss, lr, **resolved)
+    support, query = check_meta_task(loss_fn, adaptation.start(params), support, query)
     accuracy = getattr(loss_fn, "accuracy", None)
     scores = [accuracy] if callable(accuracy) else []
     with torch.no_grad():

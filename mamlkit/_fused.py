@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ._methods import route
 from ._models import MSELoss, mlp
 
 Layers = list[Tensor]
@@ -327,26 +328,56 @@ def _maml(
     lr: float,
     steps: int,
     first_order: bool,
+    reverse: str = "auto",
+    truncate: int | None = None,
+    step_weights: None = None,  # refused by why_not: the kernels have no multi-step loss
 ) -> tuple[Layers, Layers, Tensor]:
+    """MAML (or, ``first_order``, FOMAML). ``reverse="unroll"`` keeps every step's tape;
+    ``"hvp"`` keeps its weights only and recomputes its tape in the sweep; ``truncate=m``
+    differentiates the last m steps only (see ``mamlkit._methods.REVERSES``)."""
     n_tasks = p.xs.shape[0]
     c_s, c_q = _scale(spec.reduction, p.ys), _scale(spec.reduction, p.yq)
-    tapes, path = [], []
-    for _ in range(steps):
+    keep_tapes = route(reverse, steps) == "unroll"
+    kept = 0 if first_order else steps if truncate is None else min(truncate, steps)
+    tapes: list[_Tape | None] = []
+    path: list[tuple[Layers, Layers]] = []
+    for j in range(steps):
         tape, _ = k.tape(ws, bs, p.xs, p.ys)
-        if not first_order:
-            tapes.append(tape)
-            path.append(ws)
+        if j >= steps - kept:
+            tapes.append(tape if keep_tapes else None)
+            path.append((ws, bs))
         ws, bs = k.sgd_step(ws, bs, tape, -lr * c_s)
     tape, residual = k.tape(ws, bs, p.xq, p.yq)
     losses = _losses(residual, spec.reduction)
-    if first_order or steps == 0:
+    if kept == 0:
         gw, gb = k.grad_sum(tape, c_q / n_tasks)
         return gw, gb, losses
     gw, gb = k.grad(tape, c_q)
-    for j in range(steps - 1, 0, -1):  # g ← g − α c_s Ĥ_s(θ_j) g, per task
-        gw, gb = k.hvp_step(path[j], tapes[j], gw, gb, -lr * c_s, reduce=False)
-    gw, gb = k.hvp_step(path[0], tapes[0], gw, gb, -lr * c_s, reduce=True)  # at the shared θ_0
+    shared = kept == steps  # the sweep ends at the shared θ_0: sum over tasks in the last step
+    for j in range(kept - 1, -1, -1):  # g ← g − α c_s Ĥ_s(θ_j) g, per task
+        ws_j, bs_j = path[j]
+        tape_j = tapes[j] or k.tape(ws_j, bs_j, p.xs, p.ys)[0]
+        gw, gb = k.hvp_step(ws_j, tape_j, gw, gb, -lr * c_s, reduce=shared and j == 0)
+    if not shared:
+        gw, gb = [g.sum(0) for g in gw], [g.sum(0) for g in gb]
     return [g / n_tasks for g in gw], [g / n_tasks for g in gb], losses
+
+
+def why_not(method: str, hypers: Mapping[str, Any]) -> str | None:
+    """Why the kernel of ``method`` cannot run with these hyper-parameters, or None."""
+    if method not in KERNELS:
+        return (
+            f"no fused kernel for method {method!r} (use backend='vmap' or 'compiled', which "
+            "run every method)"
+        )
+    if hypers.get("step_weights") is not None:
+        return "the fused kernels have no multi-step loss (use backend='vmap' for step_weights)"
+    if hypers.get("reverse") == "checkpointed":
+        return (
+            "the fused kernels keep every inner step's weights (reverse='hvp' is their "
+            "low-memory route); use reverse='hvp', or backend='vmap' for 'checkpointed'"
+        )
+    return None
 
 
 def _reptile(

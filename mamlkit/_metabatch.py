@@ -89,7 +89,8 @@ class Plan:
         call to call, so a cached plan checks them every time)."""
         if self.targets:
             if self._check is None:
-                self._check = target_check(self.problem.loss_fn, dict(params), support[0][0])
+                theta = self.problem.start(dict(params))
+                self._check = target_check(self.problem.loss_fn, theta, support[0][0])
             self._check(support[1], "support y")
             self._check(query[1], "query y")
 
@@ -129,13 +130,16 @@ def check_problem(
     guarded = checked_loss(loss_fn)
     checked = check_params(params)
     like = reference_tensor(checked)
-    support, query = check_meta_task(loss_fn, checked, support, query)
     lr = check_finite(lr, "lr")
     steps = entry.check_steps(steps)
     resolved = entry.resolve(hypers or {})
+    entry.check(checked, lr=lr, steps=steps, **resolved)
+    start = entry.adaptation(guarded, lr, **resolved).start  # θ inside the meta-parameters
+    theta = start(checked)
+    support, query = check_meta_task(loss_fn, theta, support, query)
     with torch.no_grad():
         for x, y in (support, query):
-            guarded(checked, (x[0], y[0]))
+            guarded(theta, (x[0], y[0]))
     return Problem(
         entry,
         resolved,
@@ -147,6 +151,7 @@ def check_problem(
         (_stand_in(support[0]), _stand_in(support[1])),
         (_stand_in(query[0]), _stand_in(query[1])),
         like.device,
+        start,
     )
 
 
@@ -246,8 +251,13 @@ def _key(
         _tensors(params),
         _data(support),
         _data(query),
-        tuple((k, v.__class__, v) for k, v in sorted(hypers.items())) if hypers else (),
+        tuple((k, v.__class__, _hashable(v)) for k, v in sorted(hypers.items())) if hypers else (),
     )
+
+
+def _hashable(value: object) -> object:
+    """A list-valued hyper-parameter (``head=[...]``, ``step_weights=[...]``) as a tuple."""
+    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
 
 
 def meta_batch_grad(

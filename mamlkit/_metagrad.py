@@ -29,6 +29,7 @@ from ._checks import (
     check_params,
     check_task,
     checked_loss,
+    reference_tensor,
 )
 from ._curvature import _hessian, _hvp
 from ._params import (
@@ -41,21 +42,105 @@ from ._params import (
     unflatten_params,
 )
 
+Rates = float | Params
+"""An inner step size: one number α, or per-key rates broadcastable to each parameter (Meta-SGD)."""
 
-def _sgd_step(loss: LossFn, params: Params, batch: Batch, lr: float, first_order: bool) -> Params:
-    """θ − lr·∇L(θ): the one inner step every engine, estimator and kernel reference uses."""
-    g = grad(loss)(params, batch)
+
+def _sgd_step(
+    loss: LossFn,
+    params: Params,
+    batch: Batch,
+    lr: Rates,
+    first_order: bool,
+    keys: tuple[str, ...] | None = None,
+) -> Params:
+    """θ − lr·∇L(θ): the one inner step every engine, estimator and kernel reference uses.
+
+    ``lr`` is α or per-key rates (``θ_k − α_k ⊙ ∇_k L``); with ``keys`` only those entries step
+    (the others are constants of the step: partial adaptation), and only their gradient is
+    computed."""
+    if keys is None:
+        g = grad(loss)(params, batch)
+    else:
+        g = grad(lambda part: loss({**params, **part}, batch))({k: params[k] for k in keys})
     if first_order:
         g = tree_detach(g)
-    return tree_axpy(-lr, g, params)
+    if isinstance(lr, dict):
+        return {k: v - lr[k] * g[k] if k in g else v for k, v in params.items()}
+    return {k: v - lr * g[k] if k in g else v for k, v in params.items()}
 
 
 def _adapt(
-    loss: LossFn, params: Params, batch: Batch, lr: float, steps: int, first_order: bool
+    loss: LossFn,
+    params: Params,
+    batch: Batch,
+    lr: Rates | list[Params],
+    steps: int,
+    first_order: bool,
+    keys: tuple[str, ...] | None = None,
 ) -> Params:
-    for _ in range(steps):
-        params = _sgd_step(loss, params, batch, lr, first_order)
+    """``steps`` inner steps; ``lr`` may be a list of per-step rates (MAML++'s LSLR)."""
+    for j in range(steps):
+        params = _sgd_step(
+            loss, params, batch, lr[j] if isinstance(lr, list) else lr, first_order, keys
+        )
     return params
+
+
+def _path(
+    loss: LossFn,
+    params: Params,
+    batch: Batch,
+    lr: Rates | list[Params],
+    steps: int,
+    keys: tuple[str, ...] | None = None,
+) -> list[Params]:
+    """θ_1, …, θ_k, each differentiable with respect to θ_0 (and the rates)."""
+    path = []
+    for j in range(steps):
+        params = _sgd_step(loss, params, batch, lr[j] if isinstance(lr, list) else lr, False, keys)
+        path.append(params)
+    return path
+
+
+def check_adapt_keys(adapt_keys: object, params: Params) -> tuple[str, ...] | None:
+    """``None`` (every key adapts) or a non-empty sequence of keys of ``params``."""
+    if adapt_keys is None:
+        return None
+    if isinstance(adapt_keys, str) or not isinstance(adapt_keys, (list, tuple)) or not adapt_keys:
+        raise TypeError(
+            f"adapt_keys must be None or a non-empty list of keys of params, got {adapt_keys!r}"
+        )
+    unknown = [k for k in adapt_keys if k not in params]
+    if unknown:
+        raise ValueError(
+            f"adapt_keys names keys params does not have: {unknown} (params: {list(params)})"
+        )
+    return tuple(dict.fromkeys(adapt_keys))
+
+
+def check_step_weights(step_weights: object, steps: int) -> tuple[float, ...] | None:
+    """``None`` or k finite weights, one per inner step (the multi-step loss)."""
+    if step_weights is None:
+        return None
+    if not isinstance(step_weights, (list, tuple)):
+        raise TypeError(
+            f"step_weights must be None or a list of {steps} numbers, got {step_weights!r}"
+        )
+    if len(step_weights) != steps:
+        raise ValueError(
+            f"step_weights must hold one weight per inner step ({steps}), got {len(step_weights)}"
+        )
+    return tuple(check_finite(w, "step_weights") for w in step_weights)
+
+
+def multi_step_objective(
+    loss: LossFn, path: list[Params], query: Batch, step_weights: tuple[float, ...] | None
+) -> Tensor:
+    """``L_Q(θ_k)``, or MAML++'s multi-step loss ``Σ_j w_j L_Q(θ_j)`` over j = 1 … k."""
+    if step_weights is None:
+        return loss(path[-1], query)
+    return sum(w * loss(theta, query) for w, theta in zip(step_weights, path))  # type: ignore[return-value]
 
 
 def _trajectory(loss: LossFn, params: Params, batch: Batch, lr: float, steps: int) -> list[Params]:
@@ -136,6 +221,8 @@ def maml_grad(
     *,
     lr: float,
     steps: int = 1,
+    adapt_keys: list[str] | tuple[str, ...] | None = None,
+    step_weights: list[float] | tuple[float, ...] | None = None,
 ) -> Params:
     r"""The exact MAML meta-gradient ``dL_q(θ_k)/dθ``, by autodiff through the unrolled loop.
 
@@ -143,6 +230,12 @@ def maml_grad(
 
     Reverse mode over the k inner steps keeps every step's graph alive: memory grows with k
     like k forward-and-backward passes. ``steps=0`` gives the plain query gradient ∇L_q(θ).
+
+    With ``adapt_keys`` only those entries take inner steps (ANIL: the head; BOIL: the body);
+    the meta-gradient is still with respect to every parameter, and exact: a fixed entry b
+    enters through the adapted entries' gradients, ``dθ_k[A]/db = −α Σ_j ∂²L_s/∂a∂b ⋯``. With
+    ``step_weights`` ``[w_1, …, w_k]`` the meta-objective is MAML++'s multi-step loss
+    ``Σ_j w_j L_q(θ_j)``.
 
     Args:
         loss_fn: ``loss_fn(params, batch)`` returning a scalar tensor.
@@ -163,9 +256,15 @@ def maml_grad(
         tensor(1.2800)
     """
     loss, params, support, query, lr, steps = _checked(loss_fn, params, support, query, lr, steps)
+    keys = check_adapt_keys(adapt_keys, params)
+    weights = check_step_weights(step_weights, steps)
 
     def meta_objective(theta: Params) -> Tensor:
-        return loss(_adapt(loss, theta, support, lr, steps, first_order=False), query)
+        if weights is None:
+            return loss(_adapt(loss, theta, support, lr, steps, False, keys), query)
+        return multi_step_objective(
+            loss, _path(loss, theta, support, lr, steps, keys), query, weights
+        )
 
     return grad(meta_objective)(tree_detach(params))
 
@@ -278,6 +377,7 @@ def fomaml_grad(
     *,
     lr: float,
     steps: int = 1,
+    adapt_keys: list[str] | tuple[str, ...] | None = None,
 ) -> Params:
     r"""The first-order MAML (FOMAML) gradient: ``∇L_q(θ_k)``, every ``J_j`` replaced by ``I``.
 
@@ -290,7 +390,8 @@ def fomaml_grad(
     one step is exactly ``α H_s(θ) ∇L_q(θ′)``. Only the current iterate is kept: O(P) memory
     for any k. The result has no autograd history.
 
-    Args and Returns: as :func:`maml_grad`.
+    Args and Returns: as :func:`maml_grad` (``adapt_keys``: only those entries adapt; the
+    first-order gradient is ``∇L_q(θ_k)`` with respect to every entry).
 
     Example:
         >>> L = lambda p, b: 0.5 * ((b[0] * p["w"] - b[1]) ** 2).sum()
@@ -299,5 +400,98 @@ def fomaml_grad(
         tensor(1.6000)
     """
     loss, params, support, query, lr, steps = _checked(loss_fn, params, support, query, lr, steps)
-    theta_k = _adapt(loss, tree_detach(params), support, lr, steps, first_order=True)
+    keys = check_adapt_keys(adapt_keys, params)
+    theta_k = _adapt(loss, tree_detach(params), support, lr, steps, True, keys)
     return tree_detach(grad(loss)(theta_k, query))
+
+
+def check_rates(lrs: object, params: Params, steps: int) -> Params | list[Params]:
+    """Meta-SGD's rates: a dict with the keys of ``params`` whose values broadcast to each
+    parameter (0-d: one rate per tensor; the parameter's shape: one per entry), or a list of
+    ``steps`` such dicts (one per inner step)."""
+    if isinstance(lrs, (list, tuple)):
+        if len(lrs) != steps:
+            raise ValueError(
+                f"lrs must be one dict of rates or a list of {steps} (one per inner step), "
+                f"got a list of {len(lrs)}"
+            )
+        return [check_rates(r, params, 1) for r in lrs]  # type: ignore[misc]
+    rates = check_params(lrs, "lrs")
+    if set(rates) != set(params):
+        missing, extra = [k for k in params if k not in rates], [k for k in rates if k not in params]
+        raise ValueError(
+            f"lrs must have the keys of params: missing {missing}, not in params {extra}"
+        )
+    rates = {k: rates[k] for k in params}  # the order of params
+    like = reference_tensor(params)
+    for k, r in rates.items():
+        if r.dtype != like.dtype or r.device != like.device:
+            raise TypeError(
+                f"lrs[{k!r}] must have the dtype and device of params, got {r.dtype} on {r.device}"
+            )
+        try:
+            torch.broadcast_shapes(r.shape, params[k].shape)
+        except RuntimeError:
+            raise ValueError(
+                f"lrs[{k!r}] must broadcast to params[{k!r}] {tuple(params[k].shape)}, "
+                f"got {tuple(r.shape)}"
+            ) from None
+        if torch.broadcast_shapes(r.shape, params[k].shape) != params[k].shape:
+            raise ValueError(
+                f"lrs[{k!r}] {tuple(r.shape)} would broadcast params[{k!r}] "
+                f"{tuple(params[k].shape)} to another shape"
+            )
+    return rates
+
+
+def metasgd_grad(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    lrs: Mapping[str, Tensor] | list[Mapping[str, Tensor]],
+    support: Batch,
+    query: Batch,
+    *,
+    steps: int = 1,
+) -> tuple[Params, Params | list[Params]]:
+    r"""Meta-SGD's meta-gradient with respect to θ and to the learned inner rates, both exact.
+
+    The inner steps are ``θ_{j+1} = θ_j − α ⊙ ∇L_s(θ_j)`` (Li et al. 2017), or with one set of
+    rates per step ``α_j`` (MAML++'s LSLR, Antoniou et al. 2019). For one step,
+
+    .. math::
+
+        \frac{∂L_q(θ_1)}{∂α} = −∇L_q(θ_1) ⊙ ∇L_s(θ), \qquad
+        \frac{∂L_q(θ_1)}{∂θ} = (I − \mathrm{diag}(α) H_s(θ))ᵀ ∇L_q(θ_1),
+
+    and for k steps the same chain rule through every step (autodiff through the unrolled loop).
+
+    Args:
+        loss_fn: ``loss_fn(params, batch)`` returning a scalar tensor.
+        params: θ; never modified.
+        lrs: the rates, a dict with the keys of ``params`` (each 0-d, or broadcastable to its
+            parameter), or a list of ``steps`` such dicts (one per step).
+        support, query: ``(x, y)`` for the inner steps and for the meta-objective.
+        steps: k ≥ 0.
+
+    Returns:
+        ``(grad_params, grad_lrs)``: shaped like ``params`` and like ``lrs``, no autograd history.
+
+    Example:
+        >>> L = lambda p, b: 0.5 * ((p["w"] - b[1]) ** 2).sum()         # ∇L = w − y, H = 1
+        >>> s = q = (torch.zeros(1), torch.zeros(1))
+        >>> g, ga = metasgd_grad(L, {"w": torch.tensor([2.0])}, {"w": torch.tensor(0.25)}, s, q)
+        >>> g["w"], ga["w"]      # θ₁ = 1.5: (1 − ¼)·1.5 and −∇L_q(θ₁)·∇L_s(θ) = −1.5·2
+        (tensor([1.1250]), tensor(-3.))
+    """
+    loss, params, support, query, _, steps = _checked(loss_fn, params, support, query, 0.0, steps)
+    rates = check_rates(lrs, params, steps)
+
+    def meta_objective(theta: Params, alpha: Params | list[Params]) -> Tensor:
+        return loss(_adapt(loss, theta, support, alpha, steps, False), query)
+
+    g_params, g_rates = grad(meta_objective, argnums=(0, 1))(tree_detach(params), _detached(rates))
+    return tree_detach(g_params), _detached(g_rates)
+
+
+def _detached(rates: Params | list[Params]) -> Params | list[Params]:
+    return [tree_detach(r) for r in rates] if isinstance(rates, list) else tree_detach(rates)

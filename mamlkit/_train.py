@@ -52,7 +52,7 @@ from ._distributed import Sharding, broadcast
 from ._distributed import resolve as resolve_group
 from ._files import check_writable_folder, folder_lock, remove_temporaries
 from ._metabatch import Plan, plan_meta_batch
-from ._methods import get_method
+from ._methods import METHODS, get_method
 from ._optim import (
     Adam,
     CosineSchedule,
@@ -99,6 +99,9 @@ class TrainConfig:
         schedule: ``"constant"`` (β throughout) or ``"cosine"``: β annealed to ``min_meta_lr``
             over ``iterations`` (:class:`mamlkit.train.CosineSchedule`, as MAML++).
         min_meta_lr: the end of the cosine schedule (≥ 0).
+        first_order_until: MAML++'s derivative-order annealing: iterations before this one
+            take the method's first-order counterpart (``maml`` → ``fomaml``), the rest the
+            method itself; 0 (the default) is the method throughout.
     """
 
     method: str
@@ -115,6 +118,7 @@ class TrainConfig:
     optimizer: Adam | TorchOptimizer = dataclasses.field(default_factory=Adam)
     schedule: str = "constant"
     min_meta_lr: float = 0.0
+    first_order_until: int = 0
 
     def __post_init__(self) -> None:
         entry = get_method(self.method)
@@ -136,6 +140,12 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         checked["min_meta_lr"] = check_nonnegative(self.min_meta_lr, "min_meta_lr")
+        checked["first_order_until"] = check_int(self.first_order_until, "first_order_until")
+        if checked["first_order_until"] and entry.first_order is None:
+            raise ValueError(
+                f"first_order_until: method {self.method!r} has no first-order counterpart "
+                "(maml has: fomaml)"
+            )
         if self.max_grad_norm is not None:
             checked["max_grad_norm"] = check_positive(self.max_grad_norm, "max_grad_norm")
         if self.checkpoint_every is not None:
@@ -150,6 +160,13 @@ class TrainConfig:
         if self.schedule == "constant" or self.iterations == 0:
             return self.meta_lr
         return CosineSchedule(self.meta_lr, self.iterations, self.min_meta_lr)(iteration)
+
+    def method_at(self, iteration: int) -> tuple[str, Mapping[str, Any]]:
+        """The method and hyper-parameters iteration ``iteration`` takes (derivative-order
+        annealing: the first-order counterpart before ``first_order_until``)."""
+        if iteration < self.first_order_until:
+            return get_method(self.method).first_order, {}  # type: ignore[return-value]
+        return self.method, self.hypers
 
     def backend_order(self) -> tuple[str, ...]:
         """The backends this run prefers, in order (``"auto"`` compiles long runs)."""
@@ -526,8 +543,9 @@ class _Run:
     def _runner(self, support: Batch, query: Batch) -> tuple[Plan, StepRunner]:
         """This meta-batch's plan and its step runner (made once per plan)."""
         c = self.config
+        method, hypers = c.method_at(self.state.iteration)
         plan = plan_meta_batch(
-            c.method,
+            method,
             self.loss_fn,
             self.state.params,
             support,
@@ -535,7 +553,7 @@ class _Run:
             lr=c.lr,
             steps=c.steps,
             backend=c.backend,
-            hypers=c.hypers,
+            hypers=hypers,
             order=self.order,
             group=None if self.sharding is None else self.sharding.group,
         )
@@ -610,7 +628,7 @@ def _record(
     return record
 
 
-NEWER = ("backend_choice", "schedule", "min_meta_lr", "world_size")
+NEWER = ("backend_choice", "schedule", "min_meta_lr", "world_size", "first_order_until")
 """Record entries of mamlkit 0.3: a run recorded without them is resumed with their defaults."""
 
 
@@ -618,6 +636,8 @@ def _check_same_run(saved: dict[str, Any], requested: dict[str, Any], path: Path
     may_change = {"checkpoint_every", "train_seconds", "backend", "world_size"}
     if saved.get("schedule", "constant") == "constant":  # a cosine schedule spans the iterations
         may_change.add("iterations")
+    if "hypers" in saved and saved.get("method") in METHODS:  # defaults added since: filled in
+        saved = {**saved, "hypers": METHODS[saved["method"]].resolve(saved["hypers"])}
     differ = sorted(
         k
         for k in set(saved) | set(requested)
@@ -656,6 +676,9 @@ def run_training(
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     checked_loss(loss_fn)
     theta = {k: v.detach().clone() for k, v in check_params(params).items()}
+    entry = get_method(config.method)  # a method that learns more than θ adds its entries
+    theta = entry.init(theta, lr=config.lr, steps=config.steps, **config.hypers)
+    entry.check(theta, lr=config.lr, steps=config.steps, **config.hypers)
     log_every = check_positive_int(log_every, "log_every")
     check_bool(progress, "progress")
     check_bool(resume, "resume")
@@ -808,6 +831,7 @@ def meta_train(
     optimizer: Adam | TorchOptimizer | None = None,
     schedule: str = "constant",
     min_meta_lr: float = 0.0,
+    first_order_until: int = 0,
     callback: Callable[[Progress], None] | None = None,
     group: object = None,
     **hypers: Any,
@@ -825,7 +849,8 @@ def meta_train(
 
     Args:
         method, meta_batch_size, iterations, lr, meta_lr, steps, seed, backend, max_grad_norm,
-            checkpoint_every, optimizer, schedule, min_meta_lr: see :class:`TrainConfig`
+            checkpoint_every, optimizer, schedule, min_meta_lr, first_order_until: see
+            :class:`TrainConfig`
             (``optimizer=None`` is the built-in Adam).
         loss_fn: ``loss_fn(params, batch)`` for one task.
         params: the initial θ; never modified (training runs on copies).
@@ -851,7 +876,8 @@ def meta_train(
             rank 0's (also on resume), only rank 0 writes checkpoints, shows progress and calls
             ``on_log``/``callback``; a signal on any rank stops every rank after the same
             iteration. N ranks compute what one process does (to rounding).
-        **hypers: the method's own hyper-parameters (iMAML: ``lam``, ``cg_steps``).
+        **hypers: the method's own hyper-parameters (see each :class:`mamlkit.Method`'s
+            ``hypers``; iMAML: ``lam``, ``cg_steps``; Meta-SGD: ``rates``, ``per_step``).
 
     Returns:
         :class:`TrainResult` ``(params, history, config)``.
@@ -885,6 +911,7 @@ def meta_train(
         Adam() if optimizer is None else optimizer,
         schedule,
         min_meta_lr,
+        first_order_until,
     )
     return run_training(
         config,

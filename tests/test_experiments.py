@@ -38,7 +38,13 @@ def test_protocol_defaults_are_the_papers():
 
 def test_settings_are_the_protocol_and_the_table_with_the_experiment_changes():
     assert method_settings("imaml", 0.01) == {"lr": 0.01, "steps": 5, "lam": 10.0, "cg_steps": 5}
-    assert method_settings("maml", 0.01) == {"lr": 0.01, "steps": 1}
+    assert method_settings("maml", 0.01) == {
+        "lr": 0.01,
+        "steps": 1,
+        "reverse": "auto",
+        "truncate": None,
+        "step_weights": None,
+    }
     assert method_settings("reptile", 0.01) == {"lr": 0.02, "steps": 5}
     assert set(SETTINGS) <= set(METHODS)
     with pytest.raises(TypeError, match="method 'maml' takes no keyword"):

@@ -9,7 +9,13 @@ import math
 
 import pytest
 import torch
-from helpers import F64, assert_tree_close, central_difference, per_task_reference
+from helpers import (
+    F64,
+    assert_tree_close,
+    central_difference,
+    meta_parameters,
+    per_task_reference,
+)
 from torch import nn
 
 import mamlkit as mk
@@ -197,6 +203,7 @@ def test_meta_batch_grad_through_a_batchnorm_module(method, backend):
     support, query = data(seed=1), data(seed=2)
     steps = max(2, mk.METHODS[method].min_steps)
     hypers = {"lam": 2.0, "cg_steps": 4} if method == "imaml" else {}
+    params = meta_parameters(method, params, lr=0.2, steps=steps)
     grads, losses = mk.meta_batch_grad(
         method, loss, params, support, query, lr=0.2, steps=steps, backend=backend, **hypers
     )

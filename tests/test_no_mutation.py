@@ -130,6 +130,10 @@ def _setup(kind: str) -> dict[str, Any]:
         "v": v,
         "vector": randn(mamlkit.num_params(params)),
         "labels": torch.tensor([0, 1, 1, 0, 1]),  # class labels for the two outputs as logits
+        "lrs": {
+            k: torch.full_like(p.detach(), 0.1).requires_grad_(kind != "plain")
+            for k, p in params.items()
+        },
     }
 
 
@@ -144,6 +148,28 @@ CALLS: dict[str, Callable[[dict[str, Any]], object]] = {
     ),
     "maml_grad": lambda s: mamlkit.maml_grad(
         s["loss_fn"], s["params"], s["support"], s["query"], lr=0.1, steps=2
+    ),
+    "maml_grad[adapt_keys, step_weights]": lambda s: mamlkit.maml_grad(
+        s["loss_fn"],
+        s["params"],
+        s["support"],
+        s["query"],
+        lr=0.1,
+        steps=2,
+        adapt_keys=list(s["params"])[-1:],
+        step_weights=[0.5, 1.0],
+    ),
+    "fomaml_grad[adapt_keys]": lambda s: mamlkit.fomaml_grad(
+        s["loss_fn"],
+        s["params"],
+        s["support"],
+        s["query"],
+        lr=0.1,
+        steps=2,
+        adapt_keys=list(s["params"])[:1],
+    ),
+    "metasgd_grad": lambda s: mamlkit.metasgd_grad(
+        s["loss_fn"], s["params"], s["lrs"], s["support"], s["query"], steps=2
     ),
     "maml_grad_hvp": lambda s: mamlkit.maml_grad_hvp(
         s["loss_fn"], s["params"], s["support"], s["query"], lr=0.1, steps=2
@@ -183,7 +209,7 @@ COVERS = {name.split("[")[0] for name in CALLS}
 @pytest.mark.parametrize("name", list(CALLS))
 def test_caller_arguments_are_unchanged(name: str, kind: str) -> None:
     setup = _setup(kind)
-    owned = {k: setup[k] for k in ("params", "support", "query", "v", "vector", "labels")}
+    owned = {k: setup[k] for k in ("params", "support", "query", "v", "vector", "labels", "lrs")}
     before = _state(owned)
     grad_mode, dtype, rng = (
         torch.is_grad_enabled(),

@@ -273,6 +273,7 @@ class Protocol:
     meta_lr: float = 1e-3
     meta_batch_size: int = 25
     schedule: str = "constant"
+    first_order_until: int = 0  # MAML++'s derivative-order annealing (a method with first_order)
     changes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     overrides: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -318,6 +319,7 @@ class Protocol:
             checkpoint_every=self.checkpoint_every,
             hypers=settings,
             schedule=self.schedule,
+            first_order_until=self.first_order_until,
         )
 
     @classmethod
