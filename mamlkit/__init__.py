@@ -45,7 +45,7 @@ from ._module import from_module
 from ._params import flatten_params, num_params, unflatten_params
 from ._runtime import set_cpu_threads
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 _SUBMODULES = ("profiling", "symbolic", "tasks", "train")
 

@@ -215,6 +215,26 @@ def check_bool(value: object, name: str) -> bool:
     return value
 
 
+def check_names(value: object, name: str) -> tuple[str, ...] | None:
+    """``None`` or a non-empty list/tuple of names (str), as a tuple."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise TypeError(f"{name} must be None or a non-empty list of names, got {value!r}")
+    if not all(isinstance(k, str) for k in value):
+        raise TypeError(f"{name} must list names (str), got {value!r}")
+    return tuple(value)
+
+
+def check_numbers(value: object, name: str) -> tuple[float, ...] | None:
+    """``None`` or a non-empty list/tuple of finite numbers, as a tuple of floats."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise TypeError(f"{name} must be None or a non-empty list of numbers, got {value!r}")
+    return tuple(check_finite(v, name) for v in value)
+
+
 def check_like(tree: object, params: Params, name: str) -> Params:
     """``tree`` has exactly the keys (same order), shapes, dtype and device of ``params``."""
     tree = check_params(tree, name)

@@ -26,6 +26,8 @@ from ._checks import (
     check_bool,
     check_finite,
     check_int,
+    check_names,
+    check_numbers,
     check_params,
     check_task,
     checked_loss,
@@ -105,33 +107,23 @@ def _path(
 
 def check_adapt_keys(adapt_keys: object, params: Params) -> tuple[str, ...] | None:
     """``None`` (every key adapts) or a non-empty sequence of keys of ``params``."""
-    if adapt_keys is None:
-        return None
-    if isinstance(adapt_keys, str) or not isinstance(adapt_keys, (list, tuple)) or not adapt_keys:
-        raise TypeError(
-            f"adapt_keys must be None or a non-empty list of keys of params, got {adapt_keys!r}"
-        )
-    unknown = [k for k in adapt_keys if k not in params]
+    keys = check_names(adapt_keys, "adapt_keys")
+    unknown = [k for k in keys or () if k not in params]
     if unknown:
         raise ValueError(
             f"adapt_keys names keys params does not have: {unknown} (params: {list(params)})"
         )
-    return tuple(dict.fromkeys(adapt_keys))
+    return None if keys is None else tuple(dict.fromkeys(keys))
 
 
 def check_step_weights(step_weights: object, steps: int) -> tuple[float, ...] | None:
     """``None`` or k finite weights, one per inner step (the multi-step loss)."""
-    if step_weights is None:
-        return None
-    if not isinstance(step_weights, (list, tuple)):
-        raise TypeError(
-            f"step_weights must be None or a list of {steps} numbers, got {step_weights!r}"
-        )
-    if len(step_weights) != steps:
+    weights = check_numbers(step_weights, "step_weights")
+    if weights is not None and len(weights) != steps:
         raise ValueError(
-            f"step_weights must hold one weight per inner step ({steps}), got {len(step_weights)}"
+            f"step_weights must hold one weight per inner step ({steps}), got {len(weights)}"
         )
-    return tuple(check_finite(w, "step_weights") for w in step_weights)
+    return weights
 
 
 def multi_step_objective(
@@ -418,7 +410,10 @@ def check_rates(lrs: object, params: Params, steps: int) -> Params | list[Params
         return [check_rates(r, params, 1) for r in lrs]  # type: ignore[misc]
     rates = check_params(lrs, "lrs")
     if set(rates) != set(params):
-        missing, extra = [k for k in params if k not in rates], [k for k in rates if k not in params]
+        missing, extra = (
+            [k for k in params if k not in rates],
+            [k for k in rates if k not in params],
+        )
         raise ValueError(
             f"lrs must have the keys of params: missing {missing}, not in params {extra}"
         )

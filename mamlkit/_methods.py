@@ -36,7 +36,14 @@ import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, vjp
 
-from ._checks import check_finite, check_int, check_positive, check_positive_int
+from ._checks import (
+    check_bool,
+    check_int,
+    check_names,
+    check_numbers,
+    check_positive,
+    check_positive_int,
+)
 from ._estimators import CG_STEPS, _imaml, _reptile
 from ._metagrad import _adapt, _path, _sgd_step, multi_step_objective
 from ._params import Batch, LossFn, Params, tree_axpy, tree_detach
@@ -363,18 +370,6 @@ def _check_part(value: object, name: str) -> str:
     return str(value)
 
 
-def _check_keys(value: object, name: str) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
-        raise TypeError(
-            f"{name} must be None or a non-empty list of parameter names, got {value!r}"
-        )
-    if not all(isinstance(k, str) for k in value):
-        raise TypeError(f"{name} must list parameter names (str), got {value!r}")
-    return tuple(value)
-
-
 # ------------------------------------------------------------------------ learned rates (Meta-SGD)
 
 RATE = "lr/"
@@ -491,22 +486,6 @@ def _check_rates_kind(value: object, name: str) -> str:
     return str(value)
 
 
-def _check_flag(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def _check_weights(value: object, name: str) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    if not isinstance(value, (list, tuple)) or not value:
-        raise TypeError(
-            f"{name} must be None or a list of numbers, one per inner step, got {value!r}"
-        )
-    return tuple(check_finite(v, name) for v in value)
-
-
 def _fomaml(loss: LossFn, lr: float, steps: int) -> TaskRule:
     def task(theta: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
         theta_k = tree_detach(_adapt(loss, theta, support, lr, steps, first_order=True))
@@ -562,7 +541,7 @@ _STEP_WEIGHTS = Hyper(
     "step_weights",
     None,
     tuple,
-    _check_weights,
+    check_numbers,
     "MAML++'s multi-step loss: weights w_1 … w_k of L_Q(θ_j) (default: L_Q(θ_k))",
     item=float,
 )
@@ -578,7 +557,7 @@ _HEAD = Hyper(
     "head",
     None,
     tuple,
-    _check_keys,
+    check_names,
     "the head's parameter names (default: the last layer's)",
     item=str,
 )
@@ -591,7 +570,7 @@ _RATES = Hyper(
     ("element", "tensor"),
 )
 _PER_STEP = Hyper(
-    "per_step", False, bool, _check_flag, "Meta-SGD: rates per inner step (MAML++'s LSLR)"
+    "per_step", False, bool, check_bool, "Meta-SGD: rates per inner step (MAML++'s LSLR)"
 )
 
 _TABLE: dict[str, Method] = {}

@@ -68,3 +68,13 @@ def test_slider_cells_have_a_static_twin_and_cannot_block_headless_runs(path: Pa
             assert any(
                 "plt.show()" in "".join(c["source"]) for c in _cells(path)[max(0, i - 4) : i]
             )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_figure_has_an_alt_text_that_describes_it(path: Path) -> None:
+    """The book shows a figure's alt text to readers who cannot see it (cell metadata
+    ``mystnb.image.alt``): a sentence, not the image's file name."""
+    for i, cell in enumerate(_cells(path)):
+        if any("image/png" in out.get("data", {}) for out in cell.get("outputs", [])):
+            alt = cell["metadata"].get("mystnb", {}).get("image", {}).get("alt", "")
+            assert len(alt.split()) >= 8, f"cell {i}: alt text {alt!r}"

@@ -74,7 +74,7 @@ def test_main_exit_code_follows_the_checks(
     checks: list[Check],
     code: int,
 ) -> None:
-    monkeypatch.setattr(mamlkit._verify, "run_checks", lambda seed=0: checks)
+    monkeypatch.setattr(mamlkit._verify, "run_checks", lambda seed=0, compiled=False: checks)
     monkeypatch.setenv("MAMLKIT_NUM_THREADS", "1")
     assert mamlkit._cli.main(["verify"]) == code
     out = capsys.readouterr().out

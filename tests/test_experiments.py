@@ -30,7 +30,7 @@ def test_protocol_defaults_are_the_papers():
     assert p.meta_batch_size == 25 and p.iterations == 70_000
     assert p.eval_k == (5, 10, 20) and p.eval_tasks == 600 and p.eval_steps == 10
     assert len(p.training_seeds) >= 3 and set(p.methods) <= set(METHODS)
-    assert set(p.methods) == {"maml", "fomaml", "reptile", "imaml", "pretrained"}
+    assert set(p.methods) == {"maml", "fomaml", "reptile", "imaml", "pretrained", "metasgd", "anil"}
     quick = SinusoidProtocol.quick()
     assert quick.iterations < p.iterations and quick.eval_tasks < p.eval_tasks
     assert quick.lr == p.lr and quick.meta_batch_size == p.meta_batch_size

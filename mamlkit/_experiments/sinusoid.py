@@ -64,6 +64,8 @@ legends); ours uses α = 0.01 for every K, the paper's setting for the K = 5 cur
 PAPER_SOURCE = "read off Fig. 3 of Finn et al. (2017), K = 5 (the paper prints no table)"
 
 PAPER_METHODS = ("maml", "fomaml", "reptile", "imaml", "pretrained")
+METHODS_RUN = (*PAPER_METHODS, "metasgd", "anil")
+"""The paper's methods and two refinements: learned inner rates and head-only adaptation."""
 
 
 def method_settings(
@@ -78,7 +80,7 @@ def method_settings(
 class SinusoidProtocol(Protocol):
     """The sinusoid protocol; the defaults are the paper's (``quick()`` shrinks it)."""
 
-    methods: tuple[str, ...] = PAPER_METHODS
+    methods: tuple[str, ...] = METHODS_RUN
     training_seeds: tuple[int, ...] = (0, 1, 2)
     iterations: int = 70_000
     eval_tasks: int = 600
