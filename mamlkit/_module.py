@@ -22,7 +22,8 @@ code normalises with the statistics of the batch at hand, in the inner loop and 
 ``batch_norm="batch"`` (the default) does the same and never reads or writes the running
 statistics. That evaluation is *transductive*: a query image is normalised with the statistics
 of the other query images of its task, so predictions depend on which images are scored together
-(cbfinn/maml issue #37); score whole query sets, as the paper does. ``batch_norm="running"``
+(cbfinn/maml issue #9 and openai/supervised-reptile issue #12 discuss it); score whole query sets,
+as the paper does. ``batch_norm="running"``
 normalises with the module's stored running statistics, frozen (an inductive evaluation, as
 ``module.eval()``). ``torch.func`` refuses the usual train-mode BatchNorm because it updates its
 running statistics in place, a mutation of a tensor the transformed function captured; neither
