@@ -178,6 +178,21 @@ def _numeric_checks(seed: int) -> list[Check]:
                 tol,
             )
         )
+    flat = flatten_params(params)
+
+    def first_order_path(vector: torch.Tensor) -> torch.Tensor:
+        start = unflatten_params(vector, params)
+        return flatten_params(adapt(loss, start, support, lr=lr, steps=3, first_order=True))
+
+    jacobian = torch.func.jacrev(first_order_path)(flat)
+    checks.append(
+        Check(
+            "adapt(first_order=True): dθ_k/dθ = I (inner gradients held constant, k=3)",
+            "float64 jacrev",
+            float((jacobian - torch.eye(len(flat), dtype=dtype)).abs().max()),
+            0.0,
+        )
+    )
     v = unflatten_params(
         torch.randn(flatten_params(params).numel(), generator=gen, dtype=dtype), params
     )
