@@ -544,8 +544,27 @@ def memory_sweep(ks: list[int]) -> dict[str, dict[int, int]]:
             MSE, params, s, q, lr=ALPHA, steps=k
         ),
         "fomaml_grad": lambda k: mamlkit.fomaml_grad(MSE, params, s, q, lr=ALPHA, steps=k),
-        "fused kernels, all 25 tasks": lambda k: mamlkit.meta_batch_grad(
-            "maml", MSE, params, support, query, lr=ALPHA, steps=k, backend="fused"
+        "fused kernels, all 25 tasks, reverse='unroll'": lambda k: mamlkit.meta_batch_grad(
+            "maml",
+            MSE,
+            params,
+            support,
+            query,
+            lr=ALPHA,
+            steps=k,
+            backend="fused",
+            reverse="unroll",
+        ),
+        "fused kernels, all 25 tasks, reverse='hvp'": lambda k: mamlkit.meta_batch_grad(
+            "maml",
+            MSE,
+            params,
+            support,
+            query,
+            lr=ALPHA,
+            steps=k,
+            backend="fused",
+            reverse="hvp",
         ),
     }
     return {name: {k: peak_bytes(lambda f=f, k=k: f(k)) for k in ks} for name, f in engines.items()}
