@@ -56,7 +56,7 @@ notebooks: install
 	$(HEADLESS) $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=$(CELL_TIMEOUT) notebooks/*.ipynb
 
-## verify: the derivations' identities and each family of code they rely on (37 checks, seconds)
+## verify: the derivations' identities and each family of code they rely on (38 checks, seconds)
 verify: install
 	$(BIN)/python -m mamlkit verify
 

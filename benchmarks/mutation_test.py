@@ -75,6 +75,8 @@ BUGS = [
         "zip(step_weights, path)", "zip(reversed(step_weights), path)"),
     Bug("ES-MAML: the ½ of the antithetic difference dropped", "mamlkit/_estimators.py",
         "(2 * sigma * num_samples)", "(sigma * num_samples)"),
+    Bug("per-step copies: step j runs with the next step's copy", "mamlkit/_metagrad.py",
+        "{**theta, **copies[j]},", "{**theta, **copies[min(j + 1, steps - 1)]},"),
 ]  # fmt: skip
 
 

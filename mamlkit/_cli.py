@@ -278,7 +278,9 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from ._experiments.glyphs import GlyphProtocol, evaluate_glyphs, model
 
         shapes = saved.config["param_shapes"]
-        channels, ways = shapes["0.weight"][0], shapes[list(shapes)[-1]][0]
+        # the model's own names hold no "/" (Meta-SGD's rates and per-step copies do)
+        head = [name for name in shapes if "/" not in name][-1]
+        channels, ways = shapes["0.weight"][0], shapes[head][0]
         protocol = GlyphProtocol(
             ways=ways,
             channels=channels,

@@ -96,7 +96,9 @@ def evaluate(
     r"""Fine-tune ``params`` on each task's support set; query losses after 0…k steps.
 
     The fine-tuning is plain SGD, or, with ``method``, the test-time adaptation that method's
-    record gives (:attr:`mamlkit.Method.adaptation`; every built-in method adapts by SGD).
+    record gives (:attr:`mamlkit.Method.adaptation`: SGD for most built-in methods; Meta-SGD steps
+    with its learned rates, ANIL the head alone, MAML with per-step parameters with each step's
+    copies).
 
     Args:
         loss_fn: ``loss_fn(params, batch)`` for one task (the MSE of the paper's code).

@@ -331,6 +331,7 @@ def _maml(
     reverse: str = "auto",
     truncate: int | None = None,
     step_weights: None = None,  # refused by why_not: the kernels have no multi-step loss
+    per_step_keys: None = None,  # refused by why_not: nor per-step parameters
 ) -> tuple[Layers, Layers, Tensor]:
     """MAML (or, ``first_order``, FOMAML). ``reverse="unroll"`` keeps every step's tape;
     ``"hvp"`` keeps its weights only and recomputes its tape in the sweep; ``truncate=m``
@@ -372,6 +373,10 @@ def why_not(method: str, hypers: Mapping[str, Any]) -> str | None:
         )
     if hypers.get("step_weights") is not None:
         return "the fused kernels have no multi-step loss (use backend='vmap' for step_weights)"
+    if hypers.get("per_step_keys") is not None:
+        return (
+            "the fused kernels have no per-step parameters (use backend='vmap' for per_step_keys)"
+        )
     if hypers.get("reverse") == "checkpointed":
         return (
             "the fused kernels keep every inner step's weights (reverse='hvp' is their "

@@ -16,6 +16,7 @@ where H_s is the support-loss Hessian. ``maml_grad`` differentiates through the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -102,6 +103,132 @@ def _path(
     for j in range(steps):
         params = _sgd_step(loss, params, batch, lr[j] if isinstance(lr, list) else lr, False, keys)
         path.append(params)
+    return path
+
+
+_STEP_KEY = re.compile(r"step(\d+)/(.+)\Z")
+
+
+def step_key(key: str, j: int) -> str:
+    """The name of inner step j's own copy of the parameter ``key`` (per-step parameters)."""
+    return f"step{j}/{key}"
+
+
+def _copy_of(key: str) -> str | None:
+    """The parameter a per-step copy's name ``step{j}/<name>`` copies, else ``None``."""
+    match = _STEP_KEY.match(key)
+    return match[2] if match else None
+
+
+def per_step_params(
+    params: Mapping[str, Tensor], keys: list[str] | tuple[str, ...], *, steps: int
+) -> Params:
+    r"""θ with each parameter named in ``keys`` replaced by ``steps`` copies of it, one per inner
+    step: ``step0/<key>``, …, ``step{k−1}/<key>``, each a clone of the original (MAML++'s per-step
+    BatchNorm weights and biases, BNWB, for ``keys`` = the BatchNorm layers' weights and biases).
+
+    The meta-parameters ``maml_grad(..., per_step_keys=keys)`` and the ``"maml"`` method with
+    ``per_step_keys`` take (``mamlkit.METHODS["maml"].init`` calls this); ``params`` is not
+    modified.
+
+    Example:
+        >>> p = per_step_params({"w": torch.ones(2), "g": torch.ones(2)}, ["g"], steps=2)
+        >>> sorted(p)
+        ['step0/g', 'step1/g', 'w']
+    """
+    params = check_params(params)
+    steps = check_int(steps, "steps")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1 for per-step parameters, got {steps}")
+    names = check_names(keys, "per_step_keys")
+    if names is None:
+        raise TypeError("per_step_keys must be a non-empty list of parameter names, got None")
+    unknown = [k for k in names if k not in params]
+    if unknown:
+        raise ValueError(
+            f"per_step_keys names keys params does not have: {unknown} (params: {list(params)})"
+        )
+    out = {k: v for k, v in params.items() if k not in names}
+    for j in range(steps):
+        out |= {step_key(k, j): params[k].detach().clone() for k in names}
+    return out
+
+
+def check_per_step_keys(
+    per_step_keys: object, params: Params, steps: int
+) -> tuple[str, ...] | None:
+    """``None``, or names whose per-step copies ``step{j}/<name>`` (j < ``steps``) ``params``
+    holds, with one shape per name and no shared entry of that name."""
+    keys = check_names(per_step_keys, "per_step_keys")
+    if keys is None:
+        return None
+    keys = tuple(dict.fromkeys(keys))
+    if steps < 1:
+        raise ValueError(f"per_step_keys needs at least one inner step, got steps={steps}")
+    for k in keys:
+        if k in params:
+            raise ValueError(
+                f"per_step_keys: params holds {k!r} itself; per-step parameters replace it by "
+                f"copies step0/{k} … (make them with mamlkit.METHODS['maml'].init(params, "
+                "lr=..., steps=..., per_step_keys=...))"
+            )
+        missing = [step_key(k, j) for j in range(steps) if step_key(k, j) not in params]
+        if missing:
+            raise ValueError(
+                f"per_step_keys: params lacks {missing[:3]} (one copy of {k!r} per inner step; "
+                "make them with mamlkit.METHODS['maml'].init(params, lr=..., steps=..., "
+                "per_step_keys=...))"
+            )
+        shapes = {tuple(params[step_key(k, j)].shape) for j in range(steps)}
+        if len(shapes) > 1:
+            raise ValueError(f"per_step_keys: the copies of {k!r} differ in shape: {shapes}")
+    return keys
+
+
+def model_view(meta: Params, per_step_keys: tuple[str, ...] | None) -> Params:
+    """The model's parameters inside the meta-parameters: θ with step 0's copies under the plain
+    names (the meta-parameters themselves when there are no per-step parameters)."""
+    if per_step_keys is None:
+        return meta
+    shared, copies = split_per_step(meta, per_step_keys, 1)
+    return {**shared, **copies[0]}
+
+
+def split_per_step(meta: Params, keys: tuple[str, ...], steps: int) -> tuple[Params, list[Params]]:
+    """The shared parameters, and for each inner step j its copies under the plain names."""
+    shared = {k: v for k, v in meta.items() if _copy_of(k) not in keys}
+    return shared, [{k: meta[step_key(k, j)] for k in keys} for j in range(steps)]
+
+
+def unrolled_path(
+    loss: LossFn,
+    meta: Params,
+    batch: Batch,
+    lr: Rates | list[Params],
+    steps: int,
+    keys: tuple[str, ...] | None = None,
+    per_step_keys: tuple[str, ...] | None = None,
+) -> list[Params]:
+    r"""θ_1, …, θ_k, differentiable with respect to the meta-parameters.
+
+    With ``per_step_keys``, step j runs with step j's copies of those parameters — the
+    support gradient at ``θ_j ∪ c_j`` — and they take no inner step themselves, so θ_{j+1} holds
+    ``c_j`` (the query loss at θ_{j+1} uses the copies of the step that made it, as MAML++)."""
+    if per_step_keys is None:
+        return _path(loss, meta, batch, lr, steps, keys)
+    theta, copies = split_per_step(meta, per_step_keys, steps)
+    adapted = keys if keys is not None else tuple(theta)
+    path = []
+    for j in range(steps):
+        theta = _sgd_step(
+            loss,
+            {**theta, **copies[j]},
+            batch,
+            lr[j] if isinstance(lr, list) else lr,
+            False,
+            adapted,
+        )
+        path.append(theta)
     return path
 
 
@@ -215,6 +342,7 @@ def maml_grad(
     steps: int = 1,
     adapt_keys: list[str] | tuple[str, ...] | None = None,
     step_weights: list[float] | tuple[float, ...] | None = None,
+    per_step_keys: list[str] | tuple[str, ...] | None = None,
 ) -> Params:
     r"""The exact MAML meta-gradient ``dL_q(θ_k)/dθ``, by autodiff through the unrolled loop.
 
@@ -227,7 +355,13 @@ def maml_grad(
     the meta-gradient is still with respect to every parameter, and exact: a fixed entry b
     enters through the adapted entries' gradients, ``dθ_k[A]/db = −α Σ_j ∂²L_s/∂a∂b ⋯``. With
     ``step_weights`` ``[w_1, …, w_k]`` the meta-objective is MAML++'s multi-step loss
-    ``Σ_j w_j L_q(θ_j)``.
+    ``Σ_j w_j L_q(θ_j)``. With ``per_step_keys`` (MAML++'s per-step BatchNorm weights, BNWB)
+    ``params`` holds one copy ``c_j`` of each named parameter per inner step, ``step{j}/<name>``
+    (``mamlkit.METHODS["maml"].init(params, lr=α, steps=k, per_step_keys=[...])`` makes them):
+    step j computes the support gradient at ``θ_j ∪ c_j``, the copies take no inner step, the
+    query loss at θ_{j+1} uses ``c_j``, and the meta-gradient includes every copy's,
+    ``dL_q/dc_j = −α (∂²L_s/∂c∂θ)(θ_j, c_j) v_{j+1}`` (plus ``∂L_q/∂c`` for the last copy),
+    with ``v_{j+1} = dL_q/dθ_{j+1}``.
 
     Args:
         loss_fn: ``loss_fn(params, batch)`` returning a scalar tensor.
@@ -237,6 +371,9 @@ def maml_grad(
         query: ``(x, y)`` for the meta-objective.
         lr: the inner step size α.
         steps: the number of inner steps k ≥ 0.
+        adapt_keys: the keys that take inner steps (default: every key).
+        step_weights: the multi-step loss's weights w_1 … w_k (default: ``L_q(θ_k)`` alone).
+        per_step_keys: parameters with one copy per inner step (default: none).
 
     Returns:
         The meta-gradient as a dict with the keys, shapes and dtypes of ``params``.
@@ -247,16 +384,19 @@ def maml_grad(
         >>> maml_grad(L, {"w": torch.tensor(1.0)}, s, q, lr=0.1)["w"]      # (1 − 0.2)·2·0.8
         tensor(1.2800)
     """
-    loss, params, support, query, lr, steps = _checked(loss_fn, params, support, query, lr, steps)
+    params = check_params(params)
+    per_step = check_per_step_keys(per_step_keys, params, check_int(steps, "steps"))
+    loss, _, support, query, lr, steps = _checked(
+        loss_fn, model_view(params, per_step), support, query, lr, steps
+    )
     keys = check_adapt_keys(adapt_keys, params)
     weights = check_step_weights(step_weights, steps)
 
     def meta_objective(theta: Params) -> Tensor:
-        if weights is None:
+        if weights is None and per_step is None:
             return loss(_adapt(loss, theta, support, lr, steps, False, keys), query)
-        return multi_step_objective(
-            loss, _path(loss, theta, support, lr, steps, keys), query, weights
-        )
+        path = unrolled_path(loss, theta, support, lr, steps, keys, per_step)
+        return multi_step_objective(loss, path, query, weights)
 
     return grad(meta_objective)(tree_detach(params))
 

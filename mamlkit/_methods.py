@@ -45,7 +45,17 @@ from ._checks import (
     check_positive_int,
 )
 from ._estimators import CG_STEPS, _imaml, _reptile
-from ._metagrad import _adapt, _path, _sgd_step, multi_step_objective
+from ._metagrad import (
+    _adapt,
+    _sgd_step,
+    check_per_step_keys,
+    model_view,
+    multi_step_objective,
+    per_step_params,
+    split_per_step,
+    step_key,
+    unrolled_path,
+)
 from ._params import Batch, LossFn, Params, tree_axpy, tree_detach
 
 TaskRule = Callable[[Params, Batch, Batch], tuple[Params, Tensor]]
@@ -233,6 +243,7 @@ def _maml(
     reverse: str = "auto",
     truncate: int | None = None,
     step_weights: tuple[float, ...] | None = None,
+    per_step_keys: tuple[str, ...] | None = None,
 ) -> TaskRule:
     """The reverse pass written out, ``g ← ∇L_Q(θ_k)``, then ``g ← g − α H_S(θ_j) g`` for
     j = k−1 … 0, by the ``reverse`` route (see :data:`REVERSES`) — the same numbers as autodiff
@@ -240,7 +251,15 @@ def _maml(
     faster under vmap (measured on the glyph conv net: the query pass is not traced one transform
     level up). With ``truncate=m`` only the last m steps are differentiated, the first k − m
     taken as first order: ``J_{k−m}ᵀ ⋯ J_{k−1}ᵀ ∇L_Q(θ_k)``, a biased gradient in bounded
-    memory."""
+    memory. With ``step_weights`` (the multi-step loss) or ``per_step_keys`` (per-step
+    parameters, MAML++'s BNWB) it differentiates through the unrolled loop."""
+    if per_step_keys is not None and step_weights is None:
+        if reverse not in ("auto", "unroll") or truncate is not None:
+            raise ValueError(
+                "per_step_keys (per-step parameters) differentiates through the unrolled loop: "
+                "use reverse='unroll' (or 'auto') and no truncate"
+            )
+        return _multi_step(loss, lr, steps, None, None, per_step_keys)
     if step_weights is not None:  # the multi-step loss, by autodiff through the loop
         if len(step_weights) != steps:
             raise ValueError(
@@ -252,7 +271,7 @@ def _maml(
                 "step_weights (the multi-step loss) differentiates through the "
                 "unrolled loop: use reverse='unroll' (or 'auto') and no truncate"
             )
-        return _multi_step(loss, lr, steps, step_weights, None)
+        return _multi_step(loss, lr, steps, step_weights, None, per_step_keys)
     how = route(reverse, steps)
     kept = steps if truncate is None else min(truncate, steps)
 
@@ -290,19 +309,59 @@ def _maml(
     return task
 
 
+def _maml_init(
+    params: Params, *, steps: int, per_step_keys: tuple[str, ...] | None = None, **_: Any
+) -> Params:
+    """θ itself, or with ``per_step_keys`` θ with those parameters copied once per inner step
+    (``step{j}/<name>``, clones); meta-parameters that hold the copies already are
+    returned as they are."""
+    if per_step_keys is None or any(step_key(k, 0) in params for k in per_step_keys):
+        return dict(params)
+    return per_step_params(params, per_step_keys, steps=max(steps, 1))
+
+
+def _maml_check(
+    params: Params, *, steps: int, per_step_keys: tuple[str, ...] | None = None, **_: Any
+) -> None:
+    check_per_step_keys(per_step_keys, params, max(steps, 1))
+
+
+def _maml_adaptation(
+    loss: LossFn, lr: float, per_step_keys: tuple[str, ...] | None = None, **_: Any
+) -> Adaptation:
+    """Plain SGD; with per-step parameters, step j runs with step j's copies (the last trained
+    step's beyond them) and θ_{j+1} holds them."""
+    if per_step_keys is None:
+        return sgd_adaptation(loss, lr)
+
+    def trained_steps(meta: Params) -> int:
+        return sum(step_key(per_step_keys[0], j) in meta for j in range(len(meta)))
+
+    def start(meta: Params) -> Params:
+        return model_view(meta, per_step_keys)
+
+    def step(meta: Params, theta: Params, support: Batch, j: int) -> Params:
+        _, copies = split_per_step(meta, per_step_keys, min(j, trained_steps(meta) - 1) + 1)
+        adapted = tuple(k for k in theta if k not in per_step_keys)
+        return _sgd_step(loss, {**theta, **copies[-1]}, support, lr, False, adapted)
+
+    return Adaptation(start, step)
+
+
 def _multi_step(
     loss: LossFn,
     lr: Any,
     steps: int,
     weights: tuple[float, ...] | None,
     keys: tuple[str, ...] | None,
+    per_step_keys: tuple[str, ...] | None = None,
 ) -> TaskRule:
     """Autodiff through the unrolled loop of ``Σ_j w_j L_Q(θ_j)`` (or ``L_Q(θ_k)``); the loss
     reported is ``L_Q(θ_k)``."""
 
     def task(theta: Params, support: Batch, query: Batch) -> tuple[Params, Tensor]:
         def objective(p: Params) -> tuple[Tensor, Tensor]:
-            path = _path(loss, p, support, lr, steps, keys)
+            path = unrolled_path(loss, p, support, lr, steps, keys, per_step_keys)
             last = loss(path[-1] if path else p, query)
             total = multi_step_objective(loss, path, query, weights) if weights else last
             return total, last
@@ -545,6 +604,15 @@ _STEP_WEIGHTS = Hyper(
     "MAML++'s multi-step loss: weights w_1 … w_k of L_Q(θ_j) (default: L_Q(θ_k))",
     item=float,
 )
+_PER_STEP_KEYS = Hyper(
+    "per_step_keys",
+    None,
+    tuple,
+    check_names,
+    "MAML++'s per-step parameters (BNWB): these parameters get one copy per inner step, "
+    "meta-learned, not adapted (default: none)",
+    item=str,
+)
 _ADAPT = Hyper(
     "adapt",
     "head",
@@ -645,8 +713,11 @@ for _entry in (
         "maml",
         "exact second-order MAML",
         _maml,
-        (_REVERSE, _TRUNCATE, _STEP_WEIGHTS),
+        (_REVERSE, _TRUNCATE, _STEP_WEIGHTS, _PER_STEP_KEYS),
         second_order=True,
+        adaptation=_maml_adaptation,
+        init=_maml_init,
+        check=_maml_check,
         first_order="fomaml",
     ),
     Method("fomaml", "first-order MAML (inner Jacobians set to I)", _fomaml),

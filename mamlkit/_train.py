@@ -146,6 +146,11 @@ class TrainConfig:
                 f"first_order_until: method {self.method!r} has no first-order counterpart "
                 "(maml has: fomaml)"
             )
+        if checked["first_order_until"] and checked["hypers"].get("per_step_keys"):
+            raise ValueError(
+                "first_order_until: the first-order counterpart (fomaml) has no per-step "
+                "parameters; train per_step_keys with second-order MAML throughout"
+            )
         if self.max_grad_norm is not None:
             checked["max_grad_norm"] = check_positive(self.max_grad_norm, "max_grad_norm")
         if self.checkpoint_every is not None:

@@ -577,6 +577,28 @@ def _new_method_checks(seed: int) -> list[Check]:
             1e-7,
         )
     )
+    per_step = ("b0",)  # one copy of the first bias per inner step, as MAML++'s BNWB
+    copies = METHODS["maml"].init(params, lr=0.2, steps=2, per_step_keys=per_step)
+    copies["step1/b0"] = copies["step1/b0"] + 0.3  # copies that differ
+
+    def per_step_objective(tree: Tree) -> torch.Tensor:
+        theta = {n: v for n, v in tree.items() if not n.startswith("step")}
+        for j in range(2):
+            view = {**theta, "b0": tree[f"step{j}/b0"]}
+            theta = _plain_loop(loss, view, s, lambda n, _: None if n in per_step else 0.2, 1)
+        return loss(theta, q)
+
+    checks.append(
+        Check(
+            "maml_grad(per_step_keys) (per-step copies, BNWB, k=2) = finite differences",
+            "float64 central FD",
+            _max_error(
+                maml_grad(loss, copies, s, q, lr=0.2, steps=2, per_step_keys=per_step),
+                _central_difference(per_step_objective, copies),
+            ),
+            1e-7,
+        )
+    )
     return checks
 
 

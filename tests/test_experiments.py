@@ -44,6 +44,7 @@ def test_settings_are_the_protocol_and_the_table_with_the_experiment_changes():
         "reverse": "auto",
         "truncate": None,
         "step_weights": None,
+        "per_step_keys": None,
     }
     assert method_settings("reptile", 0.01) == {"lr": 0.02, "steps": 5}
     assert set(SETTINGS) <= set(METHODS)
