@@ -212,8 +212,8 @@ def unrolled_path(
     r"""θ_1, …, θ_k, differentiable with respect to the meta-parameters.
 
     With ``per_step_keys``, step j runs with step j's copies of those parameters — the
-    support gradient at ``θ_j ∪ c_j`` — and they take no inner step themselves, so θ_{j+1} holds
-    ``c_j`` (the query loss at θ_{j+1} uses the copies of the step that made it, as MAML++)."""
+    support gradient at ``θ_j ∪ ψ_j`` — and they take no inner step themselves, so θ_{j+1} holds
+    ``ψ_j`` (the query loss at θ_{j+1} uses the copies of the step that made it, as MAML++)."""
     if per_step_keys is None:
         return _path(loss, meta, batch, lr, steps, keys)
     theta, copies = split_per_step(meta, per_step_keys, steps)
@@ -356,11 +356,11 @@ def maml_grad(
     enters through the adapted entries' gradients, ``dθ_k[A]/db = −α Σ_j ∂²L_s/∂a∂b ⋯``. With
     ``step_weights`` ``[w_1, …, w_k]`` the meta-objective is MAML++'s multi-step loss
     ``Σ_j w_j L_q(θ_j)``. With ``per_step_keys`` (MAML++'s per-step BatchNorm weights, BNWB)
-    ``params`` holds one copy ``c_j`` of each named parameter per inner step, ``step{j}/<name>``
+    ``params`` holds one copy ``ψ_j`` of each named parameter per inner step, ``step{j}/<name>``
     (``mamlkit.METHODS["maml"].init(params, lr=α, steps=k, per_step_keys=[...])`` makes them):
-    step j computes the support gradient at ``θ_j ∪ c_j``, the copies take no inner step, the
-    query loss at θ_{j+1} uses ``c_j``, and the meta-gradient includes every copy's,
-    ``dL_q/dc_j = −α (∂²L_s/∂c∂θ)(θ_j, c_j) v_{j+1}`` (plus ``∂L_q/∂c`` for the last copy),
+    step j computes the support gradient at ``θ_j ∪ ψ_j``, the copies take no inner step, the
+    query loss at θ_{j+1} uses ``ψ_j``, and the meta-gradient includes every copy's,
+    ``dL_q/dψ_j = −α (∂²L_s/∂ψ∂θ)(θ_j, ψ_j) v_{j+1}`` (plus ``∂L_q/∂ψ`` for the last copy),
     with ``v_{j+1} = dL_q/dθ_{j+1}``.
 
     Args:

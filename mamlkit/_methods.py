@@ -253,6 +253,8 @@ def _maml(
     taken as first order: ``J_{k−m}ᵀ ⋯ J_{k−1}ᵀ ∇L_Q(θ_k)``, a biased gradient in bounded
     memory. With ``step_weights`` (the multi-step loss) or ``per_step_keys`` (per-step
     parameters, MAML++'s BNWB) it differentiates through the unrolled loop."""
+    if per_step_keys is not None and steps < 1:
+        raise ValueError(f"per_step_keys needs at least one inner step, got steps={steps}")
     if per_step_keys is not None and step_weights is None:
         if reverse not in ("auto", "unroll") or truncate is not None:
             raise ValueError(

@@ -1,7 +1,7 @@
 """Per-step parameters (MAML++'s per-step BatchNorm weights and biases, BNWB): each inner step j
-runs with its own copy c_j of the named parameters; the copies take no inner step and are
+runs with its own copy ψ_j of the named parameters; the copies take no inner step and are
 meta-learned. References: plain autograd written out, float64 central differences, and the
-chain-rule identity Σ_j dL/dc_j = dL/dw when every copy equals w."""
+chain-rule identity Σ_j dL/dψ_j = dL/dw when every copy equals w."""
 
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def _problem(steps=2, seed=0, tasks=None):
 
 
 def _reference(loss, meta, s, q, steps, weights=None):
-    """Plain autograd through the loop: step j differentiates L_S at θ_j ∪ c_j in the shared
-    parameters only; the query loss at θ_{j+1} sees c_j."""
+    """Plain autograd through the loop: step j differentiates L_S at θ_j ∪ ψ_j in the shared
+    parameters only; the query loss at θ_{j+1} sees ψ_j."""
     meta = {k: v.detach().clone().requires_grad_() for k, v in meta.items()}
     shared = [k for k in meta if not k.startswith("step")]
     theta = {k: meta[k] for k in shared}
@@ -103,7 +103,7 @@ def test_per_step_meta_gradient_equals_finite_differences():
 
 
 def test_equal_copies_sum_to_the_shared_parameters_gradient():
-    """Chain rule: with c_j = w for every j, Σ_j dL/dc_j = dL/dw of MAML whose inner steps leave
+    """Chain rule: with ψ_j = w for every j, Σ_j dL/dψ_j = dL/dw of MAML whose inner steps leave
     w fixed (adapt_keys = the other parameters)."""
     loss, params, _, s, q = _problem(3)
     meta = _copies(params, KEYS, steps=3)
@@ -170,6 +170,9 @@ def test_bad_per_step_input_names_the_argument():
         mk.maml_grad(loss, params, s, q, lr=LR, steps=2, per_step_keys=KEYS)
     with pytest.raises(ValueError, match="per_step_keys needs at least one inner step"):
         mk.maml_grad(loss, meta, s, q, lr=LR, steps=0, per_step_keys=KEYS)
+    batch = tuple(t.expand(2, *t.shape) for t in s), tuple(t.expand(2, *t.shape) for t in q)
+    with pytest.raises(ValueError, match="per_step_keys needs at least one inner step"):
+        mk.meta_batch_grad("maml", loss, meta, *batch, lr=LR, steps=0, per_step_keys=KEYS)
     with pytest.raises(TypeError, match="per_step_keys"):
         mk.maml_grad(loss, meta, s, q, lr=LR, steps=2, per_step_keys="1.weight")
     with pytest.raises(
