@@ -29,12 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -43,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _cold_warm import cold_and_warm
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
@@ -275,28 +273,8 @@ def first_call(name: str) -> float:
 
 
 def compile_times(name: str) -> dict[str, float]:
-    """The first call in a new process with empty compile caches (cold), then in another that
-    finds the caches the first one left (warm): torch.compile's (``TORCHINDUCTOR_CACHE_DIR``)
-    and mamlkit's (``MAMLKIT_CACHE_DIR``)."""
-    with tempfile.TemporaryDirectory() as cache:
-        env = {
-            **os.environ,
-            "MAMLKIT_CACHE_DIR": cache + "/mamlkit",
-            "TORCHINDUCTOR_CACHE_DIR": cache + "/inductor",
-        }
-        out = {}
-        for label in ("cold", "warm"):
-            run = subprocess.run(
-                [sys.executable, __file__, "--first-call", name],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=900,
-            )
-            if run.returncode != 0:
-                raise RuntimeError(f"{name}: {run.stderr.strip().splitlines()[-1]}")
-            out[label] = json.loads(run.stdout.strip().splitlines()[-1])["seconds"]
-        return out
+    """``name``'s first call in a new process, cold and warm (:func:`cold_and_warm`)."""
+    return cold_and_warm([sys.executable, __file__, "--first-call", name])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +54,7 @@ os.environ.setdefault(
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _cold_warm import cold_and_warm
 from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.profiler import ProfilerActivity, profile
@@ -491,27 +491,8 @@ print(json.dumps({{"seconds": time.perf_counter() - start}}))
 def compile_times(which: str, setting: str) -> dict[str, float]:
     """First call in a fresh process with empty caches (cold), then again with the caches the
     first one left (warm)."""
-    with tempfile.TemporaryDirectory() as cache:
-        env = {
-            **os.environ,
-            "MAMLKIT_CACHE_DIR": cache + "/mamlkit",
-            "TORCHINDUCTOR_CACHE_DIR": cache + "/inductor",
-            "OMP_NUM_THREADS": "1",
-        }
-        code = _COMPILE_PROBE.format(bench=str(Path(__file__).parent))
-        out = {}
-        for label in ("cold", "warm"):
-            run = subprocess.run(
-                [sys.executable, "-c", code, which, setting],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=900,
-            )
-            if run.returncode != 0:
-                raise RuntimeError(f"{which}: {run.stderr.strip().splitlines()[-1]}")
-            out[label] = json.loads(run.stdout.strip().splitlines()[-1])["seconds"]
-        return out
+    code = _COMPILE_PROBE.format(bench=str(Path(__file__).parent))
+    return cold_and_warm([sys.executable, "-c", code, which, setting])
 
 
 # ------------------------------------------------------------------------------------- memory
@@ -544,30 +525,20 @@ def memory_sweep(ks: list[int]) -> dict[str, dict[int, int]]:
             MSE, params, s, q, lr=ALPHA, steps=k
         ),
         "fomaml_grad": lambda k: mamlkit.fomaml_grad(MSE, params, s, q, lr=ALPHA, steps=k),
-        "fused kernels, all 25 tasks, reverse='unroll'": lambda k: mamlkit.meta_batch_grad(
-            "maml",
-            MSE,
-            params,
-            support,
-            query,
-            lr=ALPHA,
-            steps=k,
-            backend="fused",
-            reverse="unroll",
-        ),
-        "fused kernels, all 25 tasks, reverse='hvp'": lambda k: mamlkit.meta_batch_grad(
-            "maml",
-            MSE,
-            params,
-            support,
-            query,
-            lr=ALPHA,
-            steps=k,
-            backend="fused",
-            reverse="hvp",
-        ),
+        **{
+            f"fused kernels, all 25 tasks, reverse={route!r}": functools.partial(
+                _fused_meta_batch, params, support, query, route
+            )
+            for route in ("unroll", "hvp")
+        },
     }
     return {name: {k: peak_bytes(lambda f=f, k=k: f(k)) for k in ks} for name, f in engines.items()}
+
+
+def _fused_meta_batch(params, support, query, route: str, k: int) -> Any:
+    return mamlkit.meta_batch_grad(
+        "maml", MSE, params, support, query, lr=ALPHA, steps=k, backend="fused", reverse=route
+    )
 
 
 def slope(points: dict[int, int]) -> float:

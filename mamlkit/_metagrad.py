@@ -154,6 +154,11 @@ def per_step_params(
     return out
 
 
+_MAKE_COPIES = (
+    "make them with mamlkit.METHODS['maml'].init(params, lr=..., steps=..., per_step_keys=...)"
+)
+
+
 def check_per_step_keys(
     per_step_keys: object, params: Params, steps: int
 ) -> tuple[str, ...] | None:
@@ -169,15 +174,13 @@ def check_per_step_keys(
         if k in params:
             raise ValueError(
                 f"per_step_keys: params holds {k!r} itself; per-step parameters replace it by "
-                f"copies step0/{k} … (make them with mamlkit.METHODS['maml'].init(params, "
-                "lr=..., steps=..., per_step_keys=...))"
+                f"copies step0/{k} … ({_MAKE_COPIES})"
             )
         missing = [step_key(k, j) for j in range(steps) if step_key(k, j) not in params]
         if missing:
             raise ValueError(
                 f"per_step_keys: params lacks {missing[:3]} (one copy of {k!r} per inner step; "
-                "make them with mamlkit.METHODS['maml'].init(params, lr=..., steps=..., "
-                "per_step_keys=...))"
+                f"{_MAKE_COPIES})"
             )
         shapes = {tuple(params[step_key(k, j)].shape) for j in range(steps)}
         if len(shapes) > 1:

@@ -127,6 +127,12 @@ def test_the_mean_of_per_rank_means_is_not_the_meta_batch_mean():
     torch.testing.assert_close(sum_over_total, truth, rtol=1e-14, atol=1e-15)
 
 
+TRAIN_SETTINGS = dict(
+    meta_batch_size=7, iterations=15, lr=0.02, meta_lr=0.01, steps=1, seed=4, backend="vmap",
+    progress=False,
+)  # fmt: skip
+
+
 def _train_ranks(rank: int, world: int, port: int, out: str) -> None:
     _join(rank, world, port)
     run = meta_train(
@@ -134,14 +140,7 @@ def _train_ranks(rank: int, world: int, port: int, out: str) -> None:
         MSE,
         mk.init_mlp((1, 8, 1), seed=rank, dtype=F64),
         SinusoidFamily(k_support=5),
-        meta_batch_size=7,
-        iterations=15,
-        lr=0.02,
-        meta_lr=0.01,
-        steps=1,
-        seed=4,
-        backend="vmap",
-        progress=False,
+        **TRAIN_SETTINGS,
         group="world",
     )
     torch.save({"params": run.params, "history": run.history}, Path(out) / f"rank{rank}.pt")
@@ -156,14 +155,7 @@ def test_meta_train_on_ranks_is_meta_train_in_one_process(tmp_path):
         MSE,
         mk.init_mlp((1, 8, 1), seed=0, dtype=F64),
         SinusoidFamily(k_support=5),
-        meta_batch_size=7,
-        iterations=15,
-        lr=0.02,
-        meta_lr=0.01,
-        steps=1,
-        seed=4,
-        backend="vmap",
-        progress=False,
+        **TRAIN_SETTINGS,
     )
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

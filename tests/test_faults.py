@@ -45,6 +45,18 @@ def _start(*argv: str) -> subprocess.Popen:
     )
 
 
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    """``python -m mamlkit *argv`` to completion (five minutes at most)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mamlkit", *argv],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def _wait_for(path: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -63,14 +75,7 @@ def _same_run(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted")
-    done = subprocess.run(
-        [sys.executable, "-m", "mamlkit", *TRAIN, "--out", str(out)],
-        env=ENV,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _run(*TRAIN, "--out", str(out))
     assert done.returncode == 0, done.stderr
     return out
 
@@ -86,14 +91,7 @@ def test_a_signal_stops_with_one_line_and_resume_is_bit_identical(
     assert process.returncode == code, err
     assert err.strip().count("\n") == 0 and "--resume" in err and "Traceback" not in err
     assert load_checkpoint(tmp_path).status == "interrupted"
-    resumed = subprocess.run(
-        [sys.executable, "-m", "mamlkit", *TRAIN, "--out", str(tmp_path), "--resume"],
-        env=ENV,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = _run(*TRAIN, "--out", str(tmp_path), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     _same_run(tmp_path, uninterrupted)
 
@@ -115,14 +113,7 @@ def test_sigkill_even_during_a_save_never_leaves_a_broken_checkpoint(tmp_path, u
         process.wait(timeout=60)
         saved = load_checkpoint(tmp_path)  # never torn: the old file or the new one
         assert saved.iteration == saved.history.numel() and saved.status in ("running", "finished")
-    resumed = subprocess.run(
-        [sys.executable, "-m", "mamlkit", *TRAIN, "--out", str(tmp_path), "--resume"],
-        env=ENV,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = _run(*TRAIN, "--out", str(tmp_path), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     _same_run(tmp_path, uninterrupted)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".mamlkit.lock", "checkpoint.pt"]
@@ -173,14 +164,7 @@ def test_reproduce_with_workers_stops_them_all_on_sigterm_and_resumes(tmp_path):
             "interrupted",
             "finished",
         )
-    done = subprocess.run(
-        [sys.executable, "-m", "mamlkit", *REPRODUCE, "--out", str(tmp_path), "--resume"],
-        env=ENV,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _run(*REPRODUCE, "--out", str(tmp_path), "--resume")
     assert done.returncode in (0, 1), done.stderr  # 1: a check failed (a quick run is short)
     assert (tmp_path / "results.json").is_file()
     assert "fomaml/seed0: iteration" in done.stderr  # progress for every job with workers > 1
